@@ -1,0 +1,25 @@
+//! partyhost: a self-hosted server for PartyKit-style multiplayer rooms.
+//!
+//! A room is a WebAssembly component built with the partyhost SDK. The host
+//! runs one isolated instance of it per room id, owns every socket, and
+//! splits a busy logical room across shard rooms behind a router. The
+//! modules follow the path of a request:
+//!
+//! - [`server`]: HTTP and WebSocket routes, limits, shutdown;
+//! - [`router`]: the registry of live rooms, shard choice and fan-out;
+//! - [`room`]: the actor that owns one room's instance and calls its exports;
+//! - [`connection`]: one socket's reader, writer and outbound queue;
+//! - [`guest`]: the host functions a room calls;
+//! - [`runtime`]: the wasmtime engine, the compiled component and its limits.
+
+pub mod config;
+pub mod connection;
+pub mod guest;
+pub mod room;
+pub mod router;
+pub mod runtime;
+pub mod server;
+
+/// The built-in default room: the main party of PartyKit's reference
+/// sharding example, built from `examples/sharding` by the build script.
+pub const DEFAULT_ROOM_WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sharding.wasm"));

@@ -1,0 +1,327 @@
+//! The HTTP and WebSocket server: PartyKit's URL scheme, request limits and
+//! graceful shutdown.
+//!
+//! - `/parties/main/<room>`: one room, WebSocket or HTTP; the guest's
+//!   response is returned as is.
+//! - `/parties/router/<room>`: a sharded room. A WebSocket joins one shard;
+//!   any other request is fanned out to every shard and answered with a JSON
+//!   summary: 200 when every shard answered 2xx, 502 naming the others.
+//! - `/healthz`: 200 while the server runs.
+//!
+//! Everything a client sends is checked before it reaches a guest: room and
+//! connection ids, body size, the WebSocket handshake. Shutdown stops
+//! accepting, lets in-flight requests finish, then closes every socket with
+//! 1001 after `on-close` ran, all within a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::config::Config;
+use crate::connection::{self, close_code, close_frame, ConnectionHandle, SocketLimits};
+use crate::room::RoomEvent;
+use crate::router::{self, Rooms, RoomsError};
+use crate::runtime::{GuestRequest, GuestResponse, Runtime};
+
+/// Longest connection id (`_pk`), in bytes.
+pub const MAX_CONNECTION_ID_LEN: usize = 256;
+
+/// Time in-flight requests and sockets get to finish once shutdown starts.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Seconds a client is told to wait in `Retry-After` when the server is at a
+/// limit.
+const RETRY_AFTER_SECS: &str = "1";
+
+/// Interval at which silent sockets are pinged.
+const PING_INTERVAL: Duration = Duration::from_secs(30);
+
+struct App {
+    rooms: Arc<Rooms>,
+    config: Config,
+}
+
+/// Serves `listener` until `shutdown` resolves, then shuts down gracefully.
+pub async fn serve(
+    listener: TcpListener,
+    runtime: Arc<Runtime>,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let rooms = Rooms::new(runtime);
+    let app = Arc::new(App {
+        rooms: rooms.clone(),
+        config,
+    });
+    let routes = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/parties/{party}/{room}", any(party))
+        .route("/parties/{party}/{room}/{*rest}", any(party))
+        .fallback(|| async {
+            text(StatusCode::NOT_FOUND, "not found: rooms live at /parties/<party>/<room>")
+        })
+        .with_state(app);
+
+    let (stopping_tx, stopping) = oneshot::channel::<()>();
+    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections");
+        let _ = stopping_tx.send(());
+    });
+    let server = tokio::spawn(async move { server.await });
+
+    // Once shutdown starts, close the sockets while the HTTP side drains;
+    // upgraded sockets are not part of axum's drain.
+    if stopping.await.is_ok() {
+        rooms.shutdown(SHUTDOWN_DEADLINE).await;
+    }
+    match tokio::time::timeout(SHUTDOWN_DEADLINE, server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!("in-flight requests did not finish before the shutdown deadline"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Handles `/parties/<party>/<room>[/...]`.
+async fn party(
+    State(app): State<Arc<App>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+) -> Response {
+    let party = params.get("party").map(String::as_str).unwrap_or_default();
+    let room = params.get("room").map(String::as_str).unwrap_or_default();
+    if party != "main" && party != "router" {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("unknown party `{}`: use `main` for one room or `router` for a sharded room", party.escape_default()),
+        );
+    }
+    if let Err(message) = router::validate_room_id(room) {
+        return text(StatusCode::BAD_REQUEST, message);
+    }
+
+    if is_websocket_upgrade(request.headers()) {
+        let room_id = if party == "router" {
+            router::shard_id(room, router::pick_shard(app.config.shards))
+        } else {
+            room.to_string()
+        };
+        return connect(app, room_id, request).await;
+    }
+
+    let request = match read_request(&app, request).await {
+        Ok(request) => request,
+        Err(response) => return response,
+    };
+    if party == "router" {
+        return fan_out(&app, room, request).await;
+    }
+    match app.rooms.request(room, request).await {
+        Ok(response) => guest_response(room, response),
+        Err(err) => {
+            tracing::warn!(room, err = %err, "request failed");
+            let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = text(status, err.to_string());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            }
+            response
+        }
+    }
+}
+
+async fn fan_out(app: &App, room: &str, request: GuestRequest) -> Response {
+    let summary = router::fan_out(&app.rooms, room, app.config.shards, request).await;
+    let status = if summary.failed.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    let body = serde_json::to_vec(&summary).expect("fan-out summary serialises");
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// Accepts a WebSocket for room `room_id` and hands it to the room.
+async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
+    let (mut parts, _body) = request.into_parts();
+    let url = original_url(&parts.uri);
+    let conn_id = match connection_id(parts.uri.query()) {
+        Ok(id) => id,
+        Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            let reason = rejection.body_text();
+            return text(StatusCode::BAD_REQUEST, format!("invalid WebSocket handshake: {reason}"));
+        }
+    };
+    let room = match app.rooms.get(&room_id) {
+        Ok(room) => room,
+        Err(err) => return unavailable(&err),
+    };
+
+    let guest_request = GuestRequest {
+        method: parts.method.to_string(),
+        url,
+        headers: guest_headers(&parts.headers),
+        body: Vec::new(),
+    };
+    let limits = app.config.limits.clone();
+    let room_id: Arc<str> = room_id.into();
+    upgrade
+        .max_message_size(limits.max_message_bytes)
+        .max_frame_size(limits.max_message_bytes)
+        .on_failed_upgrade({
+            let room_id = room_id.clone();
+            move |err| tracing::warn!(room = %room_id, err = %err, "WebSocket upgrade failed")
+        })
+        .on_upgrade(move |mut socket| async move {
+            let handle = ConnectionHandle::new(conn_id.into(), room_id.clone(), limits.max_outbound_bytes);
+            let (reply, accepted) = oneshot::channel();
+            let event = RoomEvent::Connect {
+                handle: handle.clone(),
+                request: guest_request,
+                reply,
+            };
+            if !room.notify(event).await {
+                return reject(&mut socket, close_code::TRY_AGAIN_LATER, "room stopped; reconnect").await;
+            }
+            match accepted.await {
+                Ok(Ok(())) => {
+                    let socket_limits = SocketLimits {
+                        ping_interval: PING_INTERVAL,
+                    };
+                    connection::serve(socket, handle, room, socket_limits).await;
+                }
+                Ok(Err(rejection)) => {
+                    tracing::info!(room = %room_id, conn = %handle.id, code = rejection.code,
+                        reason = %rejection.reason, "connection rejected");
+                    reject(&mut socket, rejection.code, &rejection.reason).await;
+                }
+                Err(_) => reject(&mut socket, close_code::TRY_AGAIN_LATER, "room stopped; reconnect").await,
+            }
+        })
+}
+
+async fn reject(socket: &mut WebSocket, code: u16, reason: &str) {
+    let reason = crate::guest::truncate(reason, 123);
+    let _ = socket.send(Message::Close(Some(close_frame(code, reason)))).await;
+}
+
+/// Reads a request body within `--max-body-bytes` and converts the request
+/// for the guest.
+async fn read_request(app: &App, request: Request) -> Result<GuestRequest, Response> {
+    let max = app.config.limits.max_body_bytes;
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {max} bytes (--max-body-bytes)"),
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > max as u64) {
+        return Err(too_large());
+    }
+
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, max).await {
+        Ok(body) => body,
+        Err(err) => {
+            let is_limit = std::error::Error::source(&err)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if is_limit {
+                return Err(too_large());
+            }
+            return Err(text(StatusCode::BAD_REQUEST, format!("failed to read the request body: {err}")));
+        }
+    };
+    Ok(GuestRequest {
+        method: parts.method.to_string(),
+        url: original_url(&parts.uri),
+        headers: guest_headers(&parts.headers),
+        body: body.to_vec(),
+    })
+}
+
+/// Converts a guest's response, dropping headers that are not valid HTTP.
+fn guest_response(room: &str, response: GuestResponse) -> Response {
+    let Ok(status) = StatusCode::from_u16(response.status) else {
+        tracing::warn!(room, status = response.status, "guest answered an invalid HTTP status");
+        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered invalid status {}", response.status));
+    };
+    let mut builder = Response::builder().status(status);
+    for (name, value) in response.headers {
+        match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
+            (Ok(name), Ok(value)) => builder = builder.header(name, value),
+            _ => tracing::warn!(room, header = name.escape_default().to_string(), "guest response header is invalid: dropped"),
+        }
+    }
+    builder.body(Body::from(response.body)).unwrap_or_else(|err| {
+        text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered an invalid response: {err}"))
+    })
+}
+
+fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
+}
+
+/// The connection id: the `_pk` query parameter, or a new UUID.
+fn connection_id(query: Option<&str>) -> Result<String, String> {
+    let pk = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "_pk")
+        .map(|(_, value)| value.into_owned());
+    let Some(pk) = pk else {
+        return Ok(uuid::Uuid::new_v4().to_string());
+    };
+    if pk.is_empty() || pk.len() > MAX_CONNECTION_ID_LEN {
+        return Err(format!(
+            "connection id `_pk` must be 1 to {MAX_CONNECTION_ID_LEN} bytes long, not {}",
+            pk.len()
+        ));
+    }
+    if pk.chars().any(char::is_control) {
+        return Err("connection id `_pk` contains control characters".into());
+    }
+    Ok(pk)
+}
+
+fn original_url(uri: &axum::http::Uri) -> String {
+    uri.path_and_query().map_or_else(|| uri.path().to_string(), |pq| pq.as_str().to_string())
+}
+
+fn guest_headers(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect()
+}
+
+fn unavailable(err: &RoomsError) -> Response {
+    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, err.to_string());
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+    response
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body.into()).into_response()
+}
