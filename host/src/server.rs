@@ -66,6 +66,8 @@ pub async fn serve(
     });
     let routes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/parties/{party}", any(missing_room))
+        .route("/parties/{party}/", any(missing_room))
         .route("/parties/{party}/{room}", any(party))
         .route("/parties/{party}/{room}/{*rest}", any(party))
         .fallback(|| async {
@@ -92,6 +94,11 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Handles `/parties/<party>` without a room id.
+async fn missing_room() -> Response {
+    text(StatusCode::BAD_REQUEST, "room id is empty: use /parties/<party>/<room>")
 }
 
 /// Handles `/parties/<party>/<room>[/...]`.
@@ -181,37 +188,57 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
     };
     let limits = app.config.limits.clone();
     let room_id: Arc<str> = room_id.into();
+    let handle = ConnectionHandle::new(conn_id.into(), room_id.clone(), limits.max_outbound_bytes);
+
+    // `on-connect` runs before the handshake completes, so a client that
+    // sees its socket open is already in the room and gets every later
+    // broadcast. What it sends meanwhile waits in the outbound queue.
+    let (reply, accepted) = oneshot::channel();
+    let event = RoomEvent::Connect {
+        handle: handle.clone(),
+        request: guest_request,
+        reply,
+    };
+    if !room.notify(event).await {
+        return unavailable(&RoomsError::ShuttingDown);
+    }
+    let Ok(outcome) = accepted.await else {
+        return unavailable(&RoomsError::ShuttingDown);
+    };
+
+    let failed_room = room.clone();
+    let failed_handle = handle.clone();
     upgrade
         .max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
-        .on_failed_upgrade({
-            let room_id = room_id.clone();
-            move |err| tracing::warn!(room = %room_id, err = %err, "WebSocket upgrade failed")
+        .on_failed_upgrade(move |err| {
+            tracing::warn!(room = %failed_room.id, conn = %failed_handle.id, err = %err, "WebSocket upgrade failed");
+            tokio::spawn(async move {
+                let event = RoomEvent::Close {
+                    conn: failed_handle.id.clone(),
+                    serial: failed_handle.serial,
+                    code: close_code::ABNORMAL,
+                    reason: "WebSocket upgrade failed".into(),
+                };
+                failed_room.notify(event).await;
+            });
         })
         .on_upgrade(move |mut socket| async move {
-            let handle = ConnectionHandle::new(conn_id.into(), room_id.clone(), limits.max_outbound_bytes);
-            let (reply, accepted) = oneshot::channel();
-            let event = RoomEvent::Connect {
-                handle: handle.clone(),
-                request: guest_request,
-                reply,
-            };
-            if !room.notify(event).await {
-                return reject(&mut socket, close_code::TRY_AGAIN_LATER, "room stopped; reconnect").await;
-            }
-            match accepted.await {
-                Ok(Ok(())) => {
+            match outcome {
+                Ok(()) => {
                     let socket_limits = SocketLimits {
                         ping_interval: PING_INTERVAL,
                     };
                     connection::serve(socket, handle, room, socket_limits).await;
                 }
-                Ok(Err(rejection)) => {
+                Err(rejection) => {
+                    // A guest that failed in on-connect gets the socket
+                    // closed with a code, which WebSocket clients report
+                    // better than a failed handshake.
                     tracing::info!(room = %room_id, conn = %handle.id, code = rejection.code,
                         reason = %rejection.reason, "connection rejected");
                     reject(&mut socket, rejection.code, &rejection.reason).await;
                 }
-                Err(_) => reject(&mut socket, close_code::TRY_AGAIN_LATER, "room stopped; reconnect").await,
             }
         })
 }
