@@ -107,7 +107,7 @@ async fn http_trap_answers_500_and_room_recovers() {
     let (status, body) = request("POST", &url, "panic").await;
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("the room trapped"), "{body}");
-    server.wait_for_log(&["guest trapped", "room=fragile", "export=\"on-request\""]);
+    server.wait_for_log(&["guest trapped", "room=fragile", "export=\"on-request\""]).await;
 
     let (status, body) = request("POST", &url, "count").await;
     assert_eq!((status, body.as_str()), (200, "1"), "a fresh instance counts from zero");
@@ -123,7 +123,7 @@ async fn websocket_trap_closes_socket_1011() {
     let (code, reason) = recv_close(&mut culprit).await;
     assert_eq!(code, 1011, "{reason}");
     assert!(reason.contains("room error"), "{reason}");
-    server.wait_for_log(&["guest trapped", "room=fragile", "conn=\"culprit\"", "export=\"on-message\""]);
+    server.wait_for_log(&["guest trapped", "room=fragile", "conn=culprit", "export=\"on-message\""]).await;
 
     send_text(&mut bystander, "echo still here").await;
     assert_eq!(recv_text(&mut bystander).await, "still here");

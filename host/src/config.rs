@@ -41,9 +41,11 @@ pub struct Config {
 /// Bounds on guests, sockets and requests.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Limits {
-    /// CPU time one guest call may take, in milliseconds, before it is
-    /// interrupted and fails as a trap. PartyKit's platform allows 30 s; a
-    /// room here should answer in far less, because its other events wait.
+    /// Time one guest call may run, in milliseconds, before it is
+    /// interrupted and fails as a trap. The clock runs from the start of the
+    /// call, including the time it yields to other rooms. PartyKit's
+    /// platform allows 30 s; a room here should answer in far less, because
+    /// its other events wait.
     #[arg(long = "call-timeout", default_value_t = 1000, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub call_timeout_ms: u64,
@@ -53,6 +55,11 @@ pub struct Limits {
     #[arg(long = "memory-limit", default_value_t = 128, value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub memory_limit_mib: u64,
+
+    /// Elements one table of a room instance may hold. Function tables of
+    /// large Rust rooms stay well below the default.
+    #[arg(long, default_value_t = 20_000, value_name = "ELEMENTS")]
+    pub table_elements: usize,
 
     /// Room instances that may run at once. Each holds one slot of the
     /// instance pool; a request for a room past it is answered 503.
@@ -79,6 +86,40 @@ pub struct Limits {
     #[arg(long, default_value_t = 1024, value_name = "EVENTS")]
     pub mailbox: usize,
 
+    /// Open WebSockets the whole server accepts. A handshake past it is
+    /// answered 503 with `Retry-After`.
+    #[arg(long, default_value_t = 10_000, value_name = "CONNECTIONS")]
+    pub max_connections: usize,
+
+    /// Open WebSockets one room accepts. A handshake past it is answered 503
+    /// with `Retry-After`.
+    #[arg(long, default_value_t = 5_000, value_name = "CONNECTIONS")]
+    pub max_connections_per_room: usize,
+
+    /// WebSocket handshakes accepted per second, on average. A burst of
+    /// reconnecting clients past it is answered 503 with `Retry-After`
+    /// instead of starting rooms faster than the host can.
+    #[arg(long, default_value_t = 2_000, value_name = "PER_SECOND",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_rate: u32,
+
+    /// Handshakes accepted at once before `--connect-rate` applies.
+    #[arg(long, default_value_t = 500, value_name = "CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub connect_burst: u32,
+
+    /// Seconds of silence after which a socket is pinged. A socket that
+    /// stays silent for two intervals is closed and the room runs
+    /// `on-close`.
+    #[arg(long = "ping-interval", default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval_secs: u64,
+
+    /// Seconds that shutdown waits for in-flight requests and `on-close`
+    /// calls before the process exits anyway.
+    #[arg(long = "shutdown-timeout", default_value_t = 10, value_name = "SECONDS")]
+    pub shutdown_timeout_secs: u64,
+
     /// Seconds a room with no connections and no events stays in memory
     /// before its instance is dropped.
     #[arg(long = "room-idle-timeout", default_value_t = 30, value_name = "SECONDS")]
@@ -92,6 +133,14 @@ impl Limits {
 
     pub fn memory_limit_bytes(&self) -> usize {
         (self.memory_limit_mib as usize) << 20
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.ping_interval_secs)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
     }
 
     pub fn room_idle_timeout(&self) -> Duration {

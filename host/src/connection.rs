@@ -5,7 +5,9 @@
 //! never waits on a socket: `send` appends a frame and wakes the writer,
 //! which drains everything queued into one flush. A client that reads too
 //! slowly to keep its queue under the bound is a slow consumer: its queue is
-//! dropped and it is closed with code 1008, and the room carries on.
+//! dropped and it is closed with code 1008, and the room carries on. The
+//! bound counts frames the writer has not taken yet; the batch the writer is
+//! writing comes on top, so one socket holds at most about twice the bound.
 //!
 //! The reader forwards text and binary messages to the room's mailbox,
 //! waiting while the mailbox is full, which stops reading the socket and so

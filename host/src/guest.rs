@@ -190,7 +190,12 @@ impl LineLogger {
             return;
         }
         let text = String::from_utf8_lossy(&self.line);
-        tracing::info!(target: "guest", room = %self.room, stream = self.stream, "{}", text.trim_end());
+        let text = text.trim_end();
+        if self.stream == "stderr" {
+            tracing::warn!(target: "guest", room = %self.room, stream = self.stream, "{text}");
+        } else {
+            tracing::info!(target: "guest", room = %self.room, stream = self.stream, "{text}");
+        }
         self.line.clear();
     }
 }

@@ -349,7 +349,8 @@ impl RoomActor {
             Ok(output) => Ok(output),
             Err(err) => {
                 let reason = self.trap_reason(&err);
-                tracing::error!(room = %self.id, export, conn = call.connection(), reason, "guest trapped");
+                let conn = call.connection().map(tracing::field::display);
+                tracing::error!(room = %self.id, export, conn, reason, "guest trapped");
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
                 self.drop_instance(Instant::now());
                 Err(CallFailure::Trap(reason))
@@ -429,7 +430,7 @@ impl RoomActor {
                 self.runtime.limits().call_timeout().as_millis()
             ),
             Some(wasmtime::Trap::StackOverflow) => "stack overflow".into(),
-            Some(trap) => format!("wasm trap: {trap}"),
+            Some(trap) => trap.to_string(),
             None => format!("{err:#}"),
         }
     }

@@ -49,10 +49,6 @@ const CORE_INSTANCES_PER_COMPONENT: u32 = 10;
 const MEMORIES_PER_COMPONENT: u32 = 2;
 const TABLES_PER_COMPONENT: u32 = 4;
 
-/// Elements one table may hold: function tables of large Rust guests stay
-/// well below it.
-const TABLE_ELEMENTS: usize = 20_000;
-
 /// The compiled room component and everything needed to instantiate it.
 pub struct Runtime {
     engine: Engine,
@@ -167,7 +163,7 @@ fn engine_config(limits: &Limits) -> Config {
     pool.max_memories_per_component(MEMORIES_PER_COMPONENT);
     pool.total_tables(rooms.saturating_mul(TABLES_PER_COMPONENT));
     pool.max_tables_per_component(TABLES_PER_COMPONENT);
-    pool.table_elements(TABLE_ELEMENTS);
+    pool.table_elements(limits.table_elements);
     pool.max_memory_size(limits.memory_limit_bytes());
     // One fiber stack per room that is inside a guest call at the same time.
     pool.total_stacks(rooms);

@@ -9,12 +9,17 @@
 //! - `/healthz`: 200 while the server runs.
 //!
 //! Everything a client sends is checked before it reaches a guest: room and
-//! connection ids, body size, the WebSocket handshake. Shutdown stops
-//! accepting, lets in-flight requests finish, then closes every socket with
-//! 1001 after `on-close` ran, all within a deadline.
+//! connection ids, body size, the WebSocket handshake. Handshakes are
+//! admitted at a bounded rate (`--connect-rate`) and within the connection
+//! limits of the process and of each room; the excess is answered 503 with
+//! `Retry-After` before the upgrade. Shutdown stops accepting, lets
+//! in-flight requests finish, then closes every socket with 1001 after
+//! `on-close` ran, all within `--shutdown-timeout`.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +30,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -37,19 +43,37 @@ use crate::runtime::{GuestRequest, GuestResponse, Runtime};
 /// Longest connection id (`_pk`), in bytes.
 pub const MAX_CONNECTION_ID_LEN: usize = 256;
 
-/// Time in-flight requests and sockets get to finish once shutdown starts.
-const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
-
 /// Seconds a client is told to wait in `Retry-After` when the server is at a
 /// limit.
 const RETRY_AFTER_SECS: &str = "1";
 
-/// Interval at which silent sockets are pinged.
-const PING_INTERVAL: Duration = Duration::from_secs(30);
-
 struct App {
     rooms: Arc<Rooms>,
     config: Config,
+    /// Open WebSockets of the process, bounded by `--max-connections`.
+    connections: Arc<AtomicUsize>,
+    /// Admits handshakes at `--connect-rate` with bursts of
+    /// `--connect-burst`.
+    handshakes: DefaultDirectRateLimiter,
+}
+
+/// One admitted WebSocket's share of `--max-connections`, returned when
+/// dropped.
+struct ConnectionPermit(Arc<AtomicUsize>);
+
+impl ConnectionPermit {
+    /// Takes a permit unless `max` connections are open.
+    fn acquire(open: &Arc<AtomicUsize>, max: usize) -> Option<ConnectionPermit> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |count| (count < max).then_some(count + 1))
+            .ok()
+            .map(|_| ConnectionPermit(open.clone()))
+    }
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Serves `listener` until `shutdown` resolves, then shuts down gracefully.
@@ -60,8 +84,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let rooms = Rooms::new(runtime);
+    let limits = &config.limits;
+    let quota = Quota::per_second(NonZeroU32::new(limits.connect_rate).expect("--connect-rate is at least 1"))
+        .allow_burst(NonZeroU32::new(limits.connect_burst).expect("--connect-burst is at least 1"));
+    let shutdown_deadline = limits.shutdown_timeout();
+    let open_connections = Arc::new(AtomicUsize::new(0));
     let app = Arc::new(App {
         rooms: rooms.clone(),
+        connections: open_connections.clone(),
+        handshakes: RateLimiter::direct(quota),
         config,
     });
     let routes = Router::new()
@@ -86,9 +117,17 @@ pub async fn serve(
     // Once shutdown starts, close the sockets while the HTTP side drains;
     // upgraded sockets are not part of axum's drain.
     if stopping.await.is_ok() {
-        rooms.shutdown(SHUTDOWN_DEADLINE).await;
+        rooms.shutdown(shutdown_deadline).await;
+        let closed = async {
+            while open_connections.load(Ordering::Acquire) > 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(shutdown_deadline, closed).await.is_err() {
+            tracing::warn!("some sockets did not close before the shutdown deadline");
+        }
     }
-    match tokio::time::timeout(SHUTDOWN_DEADLINE, server).await {
+    match tokio::time::timeout(shutdown_deadline, server).await {
         Ok(joined) => joined??,
         Err(_) => tracing::warn!("in-flight requests did not finish before the shutdown deadline"),
     }
@@ -138,7 +177,7 @@ async fn party(
     match app.rooms.request(room, request).await {
         Ok(response) => guest_response(room, response),
         Err(err) => {
-            tracing::warn!(room, err = %err, "request failed");
+            tracing::warn!(room = %room, err = %err, "request failed");
             let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut response = text(status, err.to_string());
             if status == StatusCode::SERVICE_UNAVAILABLE {
@@ -175,10 +214,40 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
             return text(StatusCode::BAD_REQUEST, format!("invalid WebSocket handshake: {reason}"));
         }
     };
+    if app.handshakes.check().is_err() {
+        tracing::debug!(room = %room_id, "handshake rejected: over --connect-rate");
+        return unavailable_text(format!(
+            "too many connection attempts: the server admits {} per second (--connect-rate); retry",
+            app.config.limits.connect_rate
+        ));
+    }
+    let max_connections = app.config.limits.max_connections;
+    let Some(permit) = ConnectionPermit::acquire(&app.connections, max_connections) else {
+        tracing::warn!(room = %room_id, max_connections, "handshake rejected: server at --max-connections");
+        return unavailable_text(format!(
+            "the server has its maximum of {max_connections} connections open (--max-connections)"
+        ));
+    };
     let room = match app.rooms.get(&room_id) {
         Ok(room) => room,
+        Err(err @ RoomsError::Full(_)) => {
+            // The room pool is full: the client gets the WebSocket close code
+            // for "try again later", which reconnecting clients act on.
+            tracing::warn!(room = %room_id, err = %err, "connection rejected");
+            let reason = err.to_string();
+            return upgrade.on_upgrade(move |mut socket| async move {
+                reject(&mut socket, close_code::TRY_AGAIN_LATER, &reason).await;
+            });
+        }
         Err(err) => return unavailable(&err),
     };
+    let per_room = app.config.limits.max_connections_per_room;
+    if room.stats.connections.load(Ordering::Relaxed) >= per_room {
+        tracing::warn!(room = %room_id, max = per_room, "handshake rejected: room at --max-connections-per-room");
+        return unavailable_text(format!(
+            "room `{room_id}` has its maximum of {per_room} connections open (--max-connections-per-room)"
+        ));
+    }
 
     let guest_request = GuestRequest {
         method: parts.method.to_string(),
@@ -224,10 +293,11 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
             });
         })
         .on_upgrade(move |mut socket| async move {
+            let _permit = permit;
             match outcome {
                 Ok(()) => {
                     let socket_limits = SocketLimits {
-                        ping_interval: PING_INTERVAL,
+                        ping_interval: limits.ping_interval(),
                     };
                     connection::serve(socket, handle, room, socket_limits).await;
                 }
@@ -290,14 +360,14 @@ async fn read_request(app: &App, request: Request) -> Result<GuestRequest, Respo
 /// Converts a guest's response, dropping headers that are not valid HTTP.
 fn guest_response(room: &str, response: GuestResponse) -> Response {
     let Ok(status) = StatusCode::from_u16(response.status) else {
-        tracing::warn!(room, status = response.status, "guest answered an invalid HTTP status");
+        tracing::warn!(room = %room, status = response.status, "guest answered an invalid HTTP status");
         return text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered invalid status {}", response.status));
     };
     let mut builder = Response::builder().status(status);
     for (name, value) in response.headers {
         match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
             (Ok(name), Ok(value)) => builder = builder.header(name, value),
-            _ => tracing::warn!(room, header = name.escape_default().to_string(), "guest response header is invalid: dropped"),
+            _ => tracing::warn!(room = %room, header = name.escape_default().to_string(), "guest response header is invalid: dropped"),
         }
     }
     builder.body(Body::from(response.body)).unwrap_or_else(|err| {
@@ -344,7 +414,12 @@ fn guest_headers(headers: &HeaderMap) -> Vec<(String, String)> {
 }
 
 fn unavailable(err: &RoomsError) -> Response {
-    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, err.to_string());
+    unavailable_text(err.to_string())
+}
+
+/// A 503 that tells the client when to retry.
+fn unavailable_text(message: String) -> Response {
+    let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message);
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
     response
 }

@@ -114,14 +114,14 @@ impl Server {
     }
 
     /// Waits until a log line contains every one of `needles`.
-    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+    pub async fn wait_for_log(&self, needles: &[&str]) -> String {
         let deadline = Instant::now() + WAIT;
         loop {
             if let Some(line) = self.logs().into_iter().find(|line| needles.iter().all(|n| line.contains(n))) {
                 return line;
             }
             assert!(Instant::now() < deadline, "no log line contains {needles:?}:\n{}", self.logs().join("\n"));
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -238,4 +238,82 @@ pub async fn request(method: &str, url: &str, body: &str) -> (u16, String) {
 /// Parses a JSON text.
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|err| panic!("not JSON ({err}): {text}"))
+}
+
+/// A WebSocket client written by hand over TCP, for what a well-behaved
+/// client library refuses to do: send invalid frames, or stop reading and
+/// writing without closing the connection.
+pub struct RawSocket {
+    pub stream: std::net::TcpStream,
+}
+
+impl RawSocket {
+    /// Completes the opening handshake and returns the socket, or the
+    /// server's status line when it answered anything but 101.
+    pub fn connect(addr: SocketAddr, path: &str) -> Result<RawSocket, String> {
+        use std::io::{Read, Write};
+
+        let mut stream = std::net::TcpStream::connect(addr).expect("failed to connect over TCP");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let handshake = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(handshake.as_bytes()).unwrap();
+
+        // Read the response head byte by byte so no frame after it is lost.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let read = stream.read(&mut byte).expect("failed to read the handshake response");
+            assert_eq!(read, 1, "server closed during the handshake");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let status_line = head.lines().next().unwrap_or_default().to_string();
+        if !status_line.contains(" 101 ") {
+            return Err(status_line);
+        }
+        Ok(RawSocket { stream })
+    }
+
+    /// Sends one masked frame with the given opcode.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        use std::io::Write;
+
+        assert!(payload.len() < 126, "RawSocket sends short frames only");
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, byte)| byte ^ mask[i % 4]));
+        self.stream.write_all(&frame).unwrap();
+    }
+
+    /// Reads frames until a close frame; returns its code. Panics if the
+    /// connection ends first.
+    pub fn read_close_code(&mut self) -> u16 {
+        use std::io::Read;
+
+        loop {
+            let mut header = [0u8; 2];
+            self.stream.read_exact(&mut header).expect("connection ended before a close frame");
+            let opcode = header[0] & 0x0f;
+            let mut length = (header[1] & 0x7f) as u64;
+            if length == 126 {
+                let mut extended = [0u8; 2];
+                self.stream.read_exact(&mut extended).unwrap();
+                length = u16::from_be_bytes(extended) as u64;
+            } else if length == 127 {
+                let mut extended = [0u8; 8];
+                self.stream.read_exact(&mut extended).unwrap();
+                length = u64::from_be_bytes(extended);
+            }
+            let mut payload = vec![0u8; length as usize];
+            self.stream.read_exact(&mut payload).unwrap();
+            if opcode == 0x8 {
+                assert!(payload.len() >= 2, "close frame without a code");
+                return u16::from_be_bytes([payload[0], payload[1]]);
+            }
+        }
+    }
 }

@@ -9,13 +9,17 @@
 //! - `alloc`: allocates memory without bound, until growth fails;
 //! - `recurse`: recurses without bound, until the stack overflows;
 //! - `flood <n>`: broadcasts `n` messages of 1 KiB each;
+//! - `spin <ms>`: keeps the CPU busy for `ms` milliseconds, then answers;
 //! - `count`: answers how many calls this instance has served, which shows
-//!   whether the host restarted it.
+//!   whether the host restarted it;
+//! - `connections`: answers how many connections the room has open.
+//!
+//! `on-close` logs `on-close <connection id>`, so tests can see it ran.
 //!
 //! A room whose id starts with `crash-on-start` panics in `on-start`, every
 //! time.
 
-use partyhost_sdk::{export_room, Connection, Message, Request, Response, Room};
+use partyhost_sdk::{export_room, Connection, LogLevel, Message, Request, Response, Room};
 
 struct Faulty {
     calls: u64,
@@ -39,7 +43,16 @@ impl Faulty {
                 }
                 format!("flooded {count}")
             }
+            "spin" => {
+                let millis: u64 = argument.parse().unwrap_or(0);
+                let started = std::time::Instant::now();
+                while started.elapsed() < std::time::Duration::from_millis(millis) {
+                    std::hint::spin_loop();
+                }
+                format!("spun {millis}")
+            }
             "count" => self.calls.to_string(),
+            "connections" => partyhost_sdk::connections().len().to_string(),
             other => format!("unknown command `{other}`"),
         }
     }
@@ -61,9 +74,12 @@ fn allocate_forever() -> ! {
     }
 }
 
+/// Recurses until the WebAssembly call stack overflows. The frames live in
+/// wasm locals only, so the call stack overflows before the shadow stack in
+/// linear memory does.
+#[allow(unconditional_recursion)]
 fn recurse(depth: u64) -> u64 {
-    let frame = std::hint::black_box([depth; 64]);
-    1 + recurse(frame[0] + 1) + std::hint::black_box(frame[63])
+    std::hint::black_box(recurse(std::hint::black_box(depth + 1))) + 1
 }
 
 impl Room for Faulty {
@@ -77,6 +93,10 @@ impl Room for Faulty {
     fn on_message(&mut self, sender: &Connection, message: Message) {
         let reply = self.run(message.as_text().unwrap_or(""));
         sender.send(reply);
+    }
+
+    fn on_close(&mut self, connection: &Connection) {
+        partyhost_sdk::log(LogLevel::Info, &format!("on-close {}", connection.id()));
     }
 
     fn on_request(&mut self, request: Request) -> Response {
