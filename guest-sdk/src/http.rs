@@ -1,6 +1,7 @@
-//! Accessors and constructors for [`Request`] and [`Response`].
+//! Accessors and constructors for [`Request`], [`Response`] and
+//! [`Admission`].
 
-use crate::{Request, Response};
+use crate::{Admission, Request, Response};
 
 impl Request {
     /// Returns the first value of a header. Names match case-insensitively.
@@ -72,5 +73,27 @@ impl Response {
     pub fn with_body(mut self, body: Vec<u8>) -> Self {
         self.body = body;
         self
+    }
+}
+
+impl Admission {
+    /// Lets the request through unchanged.
+    pub fn allow() -> Self {
+        Admission::Allow(Vec::new())
+    }
+
+    /// Lets the request through with these headers added. Each replaces
+    /// every header of the same name the client sent.
+    pub fn allow_with_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let headers = headers
+            .into_iter()
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.to_string()))
+            .collect();
+        Admission::Allow(headers)
+    }
+
+    /// Answers the request with `response` instead.
+    pub fn reject(response: Response) -> Self {
+        Admission::Reject(response)
     }
 }

@@ -37,12 +37,30 @@
 //! export_room!(Relay);
 //! ```
 //!
-//! State lives in the instance's memory. The host restarts an instance that
-//! traps (a panic, a call past its deadline, memory exhaustion), and the new
-//! instance starts from [`Room::new`] again; the connections stay open.
+//! State in the instance's memory is lost when the host restarts an
+//! instance that trapped (a panic, a call past its deadline, memory
+//! exhaustion): the new instance starts from [`Room::new`] again, and the
+//! connections stay open. What must outlive the instance goes to the host:
+//!
+//! - per connection, with [`Connection::set_state`] and the tags that
+//!   [`Room::connection_tags`] returns; [`Room::on_start`] reads them back
+//!   after a restart, the way a hibernated PartyKit room wakes up;
+//! - per room, in [`storage`], which also survives a restart of the host and
+//!   holds the room's alarm ([`storage::set_alarm`], [`Room::on_alarm`]).
+//!
+//! [`Room::on_before_connect`] and [`Room::on_before_request`] run before
+//! the room accepts a socket or handles a request, to check a token, and
+//! [`env`] reads the variables the operator passed with `--var` and
+//! `--env-file`.
 
+mod error;
 mod http;
 mod message;
+mod state;
+pub mod storage;
+
+pub use error::Error;
+pub use state::{broadcast_to_tag, broadcast_to_tag_except, connections_tagged, MAX_STATE_BYTES};
 
 #[doc(hidden)]
 pub mod __bindings {
@@ -58,7 +76,7 @@ pub mod __bindings {
 
 use __bindings::partyhost::room::room as host;
 
-pub use __bindings::partyhost::room::types::{Message, Request, Response};
+pub use __bindings::partyhost::room::types::{Admission, Message, Request, Response};
 pub use host::LogLevel;
 
 /// The logic of one room. Every handler has a default, so a room implements
@@ -73,6 +91,33 @@ pub trait Room: 'static {
     where
         Self: Sized;
 
+    /// Called once after [`Room::new`], before any other handler. After a
+    /// restart the room's connections are still open: [`connections`] lists
+    /// them, and [`Connection::state`] returns what each stored.
+    fn on_start(&mut self) {}
+
+    /// Decides whether a WebSocket may join, before the upgrade is accepted.
+    /// [`Admission::allow`] lets it through to [`Room::on_connect`], whose
+    /// request then carries the headers it adds (as PartyKit's
+    /// `onBeforeConnect` forwards a modified request);
+    /// [`Admission::reject`] answers the upgrade with an HTTP response. The
+    /// default allows every socket unchanged.
+    fn on_before_connect(&mut self, request: &Request) -> Admission {
+        let _ = request;
+        Admission::allow()
+    }
+
+    /// Returns the tags of a joining connection, before
+    /// [`Room::on_connect`] runs: at most 10, each 1 to 256 bytes. More fail
+    /// the connection with close code 1011. The host applies them when
+    /// `on_connect` has returned, so [`connections_tagged`] and
+    /// [`broadcast_to_tag`] include the connection from then on. The
+    /// default returns none.
+    fn connection_tags(&mut self, connection: &Connection, request: &Request) -> Vec<String> {
+        let _ = (connection, request);
+        Vec::new()
+    }
+
     /// Called when a WebSocket joins the room. `request` is the upgrade
     /// request: its URL carries the client's query string.
     fn on_connect(&mut self, connection: &Connection, request: &Request) {
@@ -84,9 +129,40 @@ pub trait Room: 'static {
         let _ = (sender, message);
     }
 
-    /// Called after a connection closed, whichever side closed it.
-    fn on_close(&mut self, connection: &Connection) {
-        let _ = connection;
+    /// Called after a connection closed, whichever side closed it, with the
+    /// close code and reason (1006 when the socket vanished without a close
+    /// frame).
+    fn on_close(&mut self, connection: &Connection, code: u16, reason: &str) {
+        let _ = (connection, code, reason);
+    }
+
+    /// Called when a connection's socket failed (a protocol error, a message
+    /// over the size limit, a lost peer). [`Room::on_close`] follows.
+    fn on_error(&mut self, connection: &Connection, error: &str) {
+        let _ = (connection, error);
+    }
+
+    /// Called when the alarm set with [`storage::set_alarm`] is due. The
+    /// host starts the room for it if it is not running. The alarm is
+    /// deleted when this returns, unless it set a new one.
+    fn on_alarm(&mut self) {}
+
+    /// Called for every message a shard of this logical room published with
+    /// [`publish`], this room included. `origin` is the publishing room's
+    /// id. The default broadcasts the message to this room's connections,
+    /// so one `publish` reaches every client of the logical room.
+    fn on_publish(&mut self, origin: &str, message: Message) {
+        let _ = origin;
+        broadcast(message);
+    }
+
+    /// Decides whether an HTTP request reaches [`Room::on_request`]:
+    /// [`Admission::allow`] passes it on with the headers it adds,
+    /// [`Admission::reject`] answers it. The default allows every request
+    /// unchanged.
+    fn on_before_request(&mut self, request: &Request) -> Admission {
+        let _ = request;
+        Admission::allow()
     }
 
     /// Answers an HTTP request to the room. The default answers 404.
@@ -145,6 +221,16 @@ pub fn broadcast_except(message: &Message, without: &[&str]) {
     host::broadcast(message, &without);
 }
 
+/// Delivers a message to every shard of this room's logical room, this one
+/// included, through their [`Room::on_publish`]. Each shard receives one
+/// room's messages in the order it published them.
+///
+/// Fails when too many published messages of this room are still waiting
+/// for delivery; the message is then not sent.
+pub fn publish(message: impl Into<Message>) -> Result<(), String> {
+    host::publish(&message.into())
+}
+
 /// Returns the room's open connections, oldest first.
 pub fn connections() -> Vec<Connection> {
     host::connections().into_iter().map(Connection::new).collect()
@@ -153,6 +239,13 @@ pub fn connections() -> Vec<Connection> {
 /// Writes a line to the host's log, tagged with the room id.
 pub fn log(level: LogLevel, message: &str) {
     host::log(level, message);
+}
+
+/// Returns the value of a variable the operator set with `--var KEY=VALUE`
+/// or `--env-file`, or `None` when it is not set. The host never logs the
+/// values.
+pub fn env(key: &str) -> Option<String> {
+    __bindings::partyhost::room::env::get(key)
 }
 
 /// Exports a [`Room`] type as the component's room.
@@ -169,9 +262,19 @@ macro_rules! export_room {
                 $crate::__private::start::<$room>();
             }
 
-            fn on_connect(connection: ::std::string::String, request: $crate::Request) {
+            fn on_before_connect(request: $crate::Request) -> $crate::Admission {
+                $crate::__private::with_room::<$room, _>(|room| room.on_before_connect(&request))
+            }
+
+            fn on_connect(
+                connection: ::std::string::String,
+                request: $crate::Request,
+            ) -> ::std::vec::Vec<::std::string::String> {
                 $crate::__private::with_room::<$room, _>(|room| {
-                    room.on_connect(&$crate::Connection::new(connection), &request)
+                    let connection = $crate::Connection::new(connection);
+                    let tags = room.connection_tags(&connection, &request);
+                    room.on_connect(&connection, &request);
+                    tags
                 })
             }
 
@@ -181,14 +284,32 @@ macro_rules! export_room {
                 })
             }
 
-            fn on_close(connection: ::std::string::String) {
+            fn on_close(connection: ::std::string::String, code: u16, reason: ::std::string::String) {
                 $crate::__private::with_room::<$room, _>(|room| {
-                    room.on_close(&$crate::Connection::new(connection))
+                    room.on_close(&$crate::Connection::new(connection), code, &reason)
                 })
+            }
+
+            fn on_error(connection: ::std::string::String, error: ::std::string::String) {
+                $crate::__private::with_room::<$room, _>(|room| {
+                    room.on_error(&$crate::Connection::new(connection), &error)
+                })
+            }
+
+            fn on_alarm() {
+                $crate::__private::with_room::<$room, _>(|room| room.on_alarm())
+            }
+
+            fn on_before_request(request: $crate::Request) -> $crate::Admission {
+                $crate::__private::with_room::<$room, _>(|room| room.on_before_request(&request))
             }
 
             fn on_request(request: $crate::Request) -> $crate::Response {
                 $crate::__private::with_room::<$room, _>(|room| room.on_request(request))
+            }
+
+            fn on_publish(origin: ::std::string::String, message: $crate::Message) {
+                $crate::__private::with_room::<$room, _>(|room| room.on_publish(&origin, message))
             }
         }
 
@@ -210,6 +331,7 @@ pub mod __private {
 
     pub fn start<R: Room>() {
         ROOM.with(|cell| *cell.borrow_mut() = Some(Box::new(R::new())));
+        with_room::<R, _>(|room| room.on_start());
     }
 
     /// Runs `f` on the room, creating it first if the host skipped

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Example crates built for the host and its tests.
-const EXAMPLES: &[&str] = &["sharding", "echo", "chat", "faulty", "not-a-room"];
+const EXAMPLES: &[&str] = &[
+    "sharding", "echo", "chat", "faulty", "not-a-room", "counter", "presence", "auth",
+];
 
 const GUEST_TARGET: &str = "wasm32-wasip2";
 

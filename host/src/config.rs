@@ -30,9 +30,55 @@ pub struct Config {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
 
+    /// Shard rooms for logical rooms whose name matches PATTERN, as
+    /// `PATTERN=N`; `*` in PATTERN matches any run of characters. Repeatable;
+    /// the first match wins, and other rooms get `--shards`.
+    #[arg(long = "shards-for", value_name = "PATTERN=N", value_parser = parse_shards_for)]
+    pub shards_for: Vec<ShardsFor>,
+
+    /// How the router assigns a new WebSocket to a shard.
+    #[arg(long, value_enum, default_value_t = Balance::LeastConnections)]
+    pub balance: Balance,
+
+    /// Attempts the router makes per shard for one fanned-out request: a
+    /// shard whose call trapped is called again, with the same request id,
+    /// after its instance restarted.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub fanout_attempts: u32,
+
+    /// Seconds during which a router request with an `Idempotency-Key`
+    /// already seen for the same room is answered with the first result
+    /// instead of running again.
+    #[arg(long = "idempotency-window", default_value_t = 60, value_name = "SECONDS")]
+    pub idempotency_window_secs: u64,
+
+    /// Separate address for operators: `/metrics`, `/healthz`, `/readyz` and
+    /// `GET /parties/router/<room>`, which lists a logical room's shards with
+    /// their connection counts. Without it, `/metrics` is served on
+    /// `--listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Directory of the rooms' durable storage and alarms: one SQLite
+    /// database, `partyhost.sqlite3`, created if missing. One partyhost
+    /// process at a time may use it.
+    #[arg(long, default_value = ".partyhost", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// Variable every room can read with `env("KEY")`, as `KEY=VALUE`.
+    /// Repeatable; overrides the same key in `--env-file`. Values are never
+    /// logged.
+    #[arg(long = "var", value_name = "KEY=VALUE")]
+    pub vars: Vec<crate::env::Var>,
+
+    /// File of `KEY=VALUE` lines (dotenv format: `#` comments, optional
+    /// `export ` and quotes) that rooms read with `env("KEY")`.
+    #[arg(long, value_name = "PATH")]
+    pub env_file: Option<PathBuf>,
 
     #[command(flatten)]
     pub limits: Limits,
@@ -126,6 +172,20 @@ pub struct Limits {
     pub room_idle_timeout_secs: u64,
 }
 
+impl Config {
+    /// Shard count of logical room `room`.
+    pub fn shards_for(&self, room: &str) -> u32 {
+        self.shards_for
+            .iter()
+            .find(|rule| wildmatch::WildMatch::new(&rule.pattern).matches(room))
+            .map_or(self.shards, |rule| rule.shards)
+    }
+
+    pub fn idempotency_window(&self) -> Duration {
+        Duration::from_secs(self.idempotency_window_secs)
+    }
+}
+
 impl Limits {
     pub fn call_timeout(&self) -> Duration {
         Duration::from_millis(self.call_timeout_ms)
@@ -152,6 +212,48 @@ impl Default for Limits {
     fn default() -> Self {
         Config::parse_from(["partyhost"]).limits
     }
+}
+
+/// Shard policy of a router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Balance {
+    /// A shard chosen uniformly at random, as the reference sharding
+    /// example does.
+    Random,
+    /// The shard with the fewest open and joining sockets; ties go to the
+    /// lowest shard number.
+    LeastConnections,
+    /// The less loaded of two shards chosen at random.
+    PowerOfTwo,
+    /// A hash of the connection id (`_pk`), so a reconnecting client
+    /// returns to its shard while the shard count stays the same.
+    Sticky,
+}
+
+/// A `--shards-for PATTERN=N` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardsFor {
+    pub pattern: String,
+    pub shards: u32,
+}
+
+fn parse_shards_for(text: &str) -> Result<ShardsFor, String> {
+    let (pattern, shards) = text
+        .rsplit_once('=')
+        .ok_or_else(|| format!("`{text}` is not PATTERN=N, as in `big-*=10`"))?;
+    let shards: u32 = shards
+        .parse()
+        .map_err(|_| format!("`{shards}` in `{text}` is not a shard count"))?;
+    if !(1..=64).contains(&shards) {
+        return Err(format!("shard count {shards} in `{text}` is outside 1..=64"));
+    }
+    if pattern.is_empty() {
+        return Err(format!("`{text}` has an empty pattern"));
+    }
+    Ok(ShardsFor {
+        pattern: pattern.to_string(),
+        shards,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

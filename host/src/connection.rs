@@ -72,6 +72,16 @@ struct Shared {
     /// Cancelled when the writer has finished, so the socket is closed.
     writer_done: CancellationToken,
     max_bytes: usize,
+    /// What the room keeps with the connection. It lives here, with the
+    /// connection rather than the instance, so it survives a restart.
+    attachment: Mutex<Attachment>,
+}
+
+/// The guest's state of a connection and the tags `on-connect` returned.
+#[derive(Default)]
+struct Attachment {
+    state: Option<Vec<u8>>,
+    tags: Vec<String>,
 }
 
 #[derive(Default)]
@@ -95,15 +105,43 @@ impl ConnectionHandle {
                 abort: CancellationToken::new(),
                 writer_done: CancellationToken::new(),
                 max_bytes,
+                attachment: Mutex::default(),
             }),
         }
+    }
+
+    /// Replaces the guest's state of the connection; `None` clears it. The
+    /// caller checks its size.
+    pub fn set_state(&self, state: Option<Vec<u8>>) {
+        self.attachment().state = state;
+    }
+
+    pub fn state(&self) -> Option<Vec<u8>> {
+        self.attachment().state.clone()
+    }
+
+    /// Replaces the connection's tags. The caller checks their bounds.
+    pub fn set_tags(&self, tags: Vec<String>) {
+        self.attachment().tags = tags;
+    }
+
+    pub fn tags(&self) -> Vec<String> {
+        self.attachment().tags.clone()
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.attachment().tags.iter().any(|own| own == tag)
+    }
+
+    fn attachment(&self) -> std::sync::MutexGuard<'_, Attachment> {
+        self.shared.attachment.lock().expect("connection attachment lock")
     }
 
     /// Queues a frame. Returns false when the connection is closing. A frame
     /// that would push the queue past its byte bound closes the connection
     /// as a slow consumer instead.
     pub fn send(&self, frame: Message) -> bool {
-        let size = frame_len(&frame);
+        let size = frame_payload_len(&frame);
         let mut queue = self.shared.queue.lock().expect("connection queue lock");
         if queue.close.is_some() {
             return false;
@@ -111,6 +149,8 @@ impl ConnectionHandle {
         if queue.bytes + size > self.shared.max_bytes {
             tracing::warn!(room = %self.shared.room, conn = %self.id, queued_bytes = queue.bytes,
                 max_bytes = self.shared.max_bytes, "closing slow consumer: outbound queue full");
+            metrics::counter!("partyhost_slow_consumer_disconnects_total", &crate::metrics::room_labels(&self.shared.room))
+                .increment(1);
             queue.frames.clear();
             queue.bytes = 0;
             queue.close = Some(close_frame(close_code::POLICY_VIOLATION, "slow consumer: outbound queue full"));
@@ -165,7 +205,8 @@ impl ConnectionHandle {
     }
 }
 
-fn frame_len(frame: &Message) -> usize {
+/// Payload bytes of a frame.
+pub fn frame_payload_len(frame: &Message) -> usize {
     match frame {
         Message::Text(text) => text.len(),
         Message::Binary(bytes) | Message::Ping(bytes) | Message::Pong(bytes) => bytes.len(),
@@ -196,6 +237,13 @@ pub async fn serve(socket: WebSocket, handle: ConnectionHandle, room: RoomHandle
     let writer = tokio::spawn(write_loop(sink, handle.clone()));
 
     let (code, reason) = read_loop(stream, &handle, &room, limits).await;
+    // The socket failed, rather than closed, when it ended with an error
+    // code that the host did not choose.
+    let failed = handle.host_close().is_none()
+        && matches!(
+            code,
+            close_code::ABNORMAL | close_code::PROTOCOL_ERROR | close_code::INVALID_PAYLOAD | close_code::MESSAGE_TOO_BIG
+        );
 
     // The reader is done: let the writer send what the room queued and the
     // close frame, but not wait forever on a client that stopped reading.
@@ -204,6 +252,14 @@ pub async fn serve(socket: WebSocket, handle: ConnectionHandle, room: RoomHandle
     handle.shared.abort.cancel();
     let _ = writer.await;
 
+    if failed {
+        room.notify(RoomEvent::Error {
+            conn: handle.id.clone(),
+            serial: handle.serial,
+            error: reason.clone(),
+        })
+        .await;
+    }
     let (code, reason) = handle.host_close().unwrap_or((code, reason));
     room.notify(RoomEvent::Close {
         conn: handle.id.clone(),

@@ -6,6 +6,10 @@
 //! connection whose queue is full is closed as a slow consumer instead of
 //! slowing the room down. Guest output on stdout and stderr goes to the log,
 //! one event per line, tagged with the room id.
+//!
+//! Connection state and tags live in each [`ConnectionHandle`], so they
+//! survive an instance restart with the connections. Storage and alarm
+//! functions are implemented next to the database, in [`crate::storage`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,18 +19,66 @@ use std::time::Instant;
 use axum::extract::ws::Message;
 use indexmap::IndexMap;
 use tokio::io::AsyncWrite;
+use tokio::sync::mpsc;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::connection::ConnectionHandle;
-use crate::runtime::bindings::partyhost::room::{room, types};
+use crate::connection::{frame_payload_len, ConnectionHandle};
+use crate::metrics::RoomMetrics;
+use crate::alarm::Alarms;
+use crate::config::Config;
+use crate::env::Environment;
+use crate::runtime::bindings::partyhost::room::{connection, env, room, types};
+use crate::storage::Storage;
 use crate::runtime::GuestMessage;
 
 /// Longest log line or stdout line a guest may write; the rest is cut off.
 const MAX_GUEST_LOG_LINE: usize = 4096;
 
+/// Published messages one room may have waiting for delivery to its sibling
+/// shards. A room that publishes faster than its siblings handle the
+/// messages gets an error from `publish` past it.
+pub const MAX_PENDING_PUBLISHES: usize = 1024;
+
 /// Longest close reason the WebSocket protocol allows, in bytes.
 const MAX_CLOSE_REASON: usize = 123;
+
+/// Maximum size of one connection's state, in bytes (2 KiB).
+pub const MAX_STATE_BYTES: usize = 2048;
+
+/// Maximum number of tags of one connection.
+pub const MAX_TAGS: usize = 10;
+
+/// Maximum tag length, in bytes.
+pub const MAX_TAG_BYTES: usize = 256;
+
+/// Process-wide services behind the host functions, shared by every room.
+#[derive(Clone)]
+pub struct Services {
+    /// Durable key-value storage and alarm times of every room.
+    pub storage: Arc<Storage>,
+    /// The schedule that fires alarms.
+    pub alarms: Arc<Alarms>,
+    /// Variables from `--var` and `--env-file`.
+    pub env: Arc<Environment>,
+}
+
+impl Services {
+    /// Opens the storage in `--data-dir`, loads its alarms and reads the
+    /// environment.
+    pub fn open(config: &Config) -> anyhow::Result<Services> {
+        let env = Environment::load(config.env_file.as_deref(), &config.vars)?;
+        let storage = Storage::open(&config.data_dir)?;
+        let alarms = Alarms::load(&storage)?;
+        tracing::info!(path = %storage.path.display(), alarms = alarms.len(), env_vars = env.len(),
+            "storage opened");
+        Ok(Services {
+            storage: Arc::new(storage),
+            alarms,
+            env: Arc::new(env),
+        })
+    }
+}
 
 /// Data of one room's `Store`. It outlives the store: when an instance traps,
 /// the room takes it back with `Store::into_data` and starts the next
@@ -39,17 +91,33 @@ pub struct RoomHost {
     /// When the current guest call must end. The epoch callback interrupts
     /// the guest past it.
     pub call_deadline: Instant,
+    /// Handles of the room's metrics.
+    pub metrics: RoomMetrics,
+    /// Messages this room published, on their way to the shards of its
+    /// logical room. Bounded by [`MAX_PENDING_PUBLISHES`].
+    publishes: mpsc::Sender<GuestMessage>,
+    /// Storage, alarms and environment.
+    pub services: Services,
+    /// Set when the guest sets or deletes its alarm, so the room can tell
+    /// whether `on-alarm` replaced the alarm that fired.
+    pub alarm_changed: bool,
     wasi: WasiCtx,
     table: ResourceTable,
 }
 
 impl RoomHost {
-    pub fn new(room: Arc<str>) -> RoomHost {
+    /// Creates the data of room `room`, whose published messages go to
+    /// `publishes`.
+    pub fn new(room: Arc<str>, publishes: mpsc::Sender<GuestMessage>, services: Services) -> RoomHost {
         RoomHost {
             wasi: guest_wasi(&room),
+            metrics: RoomMetrics::new(&room),
             room,
             connections: IndexMap::new(),
             call_deadline: Instant::now(),
+            publishes,
+            services,
+            alarm_changed: false,
             table: ResourceTable::new(),
         }
     }
@@ -80,19 +148,32 @@ impl room::Host for RoomHost {
 
     fn broadcast(&mut self, message: GuestMessage, without: Vec<String>) {
         let frame = to_frame(message);
+        let size = frame_payload_len(&frame) as u64;
+        let mut sent = 0;
         for (id, connection) in &self.connections {
             if without.iter().any(|excluded| excluded.as_str() == &**id) {
                 continue;
             }
-            connection.send(frame.clone());
+            if connection.send(frame.clone()) {
+                sent += 1;
+            }
         }
+        self.metrics.messages_out.increment(sent);
+        self.metrics.bytes_out.increment(sent * size);
     }
 
     fn send(&mut self, connection: String, message: GuestMessage) -> bool {
         let Some(handle) = self.connections.get(connection.as_str()) else {
             return false;
         };
-        handle.send(to_frame(message))
+        let frame = to_frame(message);
+        let size = frame_payload_len(&frame) as u64;
+        let sent = handle.send(frame);
+        if sent {
+            self.metrics.messages_out.increment(1);
+            self.metrics.bytes_out.increment(size);
+        }
+        sent
     }
 
     fn close(&mut self, connection: String, code: u16, reason: String) -> bool {
@@ -106,6 +187,19 @@ impl room::Host for RoomHost {
         };
         handle.close(code, truncate(&reason, MAX_CLOSE_REASON));
         true
+    }
+
+    fn publish(&mut self, message: GuestMessage) -> Result<(), String> {
+        match self.publishes.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!(room = %self.room, max = MAX_PENDING_PUBLISHES, "publish rejected: too many messages waiting");
+                Err(format!(
+                    "{MAX_PENDING_PUBLISHES} published messages are still waiting for delivery; publish less often"
+                ))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err("the room is stopping".into()),
+        }
     }
 
     fn connections(&mut self) -> Vec<String> {
@@ -123,6 +217,78 @@ impl room::Host for RoomHost {
             room::LogLevel::Error => tracing::error!(target: "guest", room, "{message}"),
         }
     }
+}
+
+impl connection::Host for RoomHost {
+    fn set_state(&mut self, connection: String, state: Option<Vec<u8>>) -> Result<(), String> {
+        if let Some(state) = &state {
+            if state.len() > MAX_STATE_BYTES {
+                return Err(format!(
+                    "state of connection `{}` is {} bytes: the limit is {MAX_STATE_BYTES}",
+                    connection.escape_default(),
+                    state.len()
+                ));
+            }
+        }
+        let Some(handle) = self.connections.get(connection.as_str()) else {
+            return Err(format!("connection `{}` is not open in this room", connection.escape_default()));
+        };
+        handle.set_state(state);
+        Ok(())
+    }
+
+    fn state(&mut self, connection: String) -> Option<Vec<u8>> {
+        self.connections.get(connection.as_str())?.state()
+    }
+
+    fn tags(&mut self, connection: String) -> Vec<String> {
+        self.connections.get(connection.as_str()).map(|handle| handle.tags()).unwrap_or_default()
+    }
+
+    fn tagged(&mut self, tag: String) -> Vec<String> {
+        self.connections
+            .iter()
+            .filter(|(_, handle)| handle.has_tag(&tag))
+            .map(|(id, _)| id.to_string())
+            .collect()
+    }
+
+    fn broadcast_tagged(&mut self, message: GuestMessage, tag: String, without: Vec<String>) {
+        let frame = to_frame(message);
+        for (id, handle) in &self.connections {
+            if !handle.has_tag(&tag) || without.iter().any(|excluded| excluded.as_str() == &**id) {
+                continue;
+            }
+            handle.send(frame.clone());
+        }
+    }
+}
+
+impl env::Host for RoomHost {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.services.env.get(&key).map(str::to_string)
+    }
+}
+
+/// Checks the tags `on-connect` returned: at most [`MAX_TAGS`], each 1 to
+/// [`MAX_TAG_BYTES`] bytes. Returns them in order without duplicates.
+pub fn check_tags(returned: Vec<String>) -> Result<Vec<String>, String> {
+    if returned.len() > MAX_TAGS {
+        return Err(format!("on-connect returned {} tags: the limit is {MAX_TAGS}", returned.len()));
+    }
+    let mut tags: Vec<String> = Vec::with_capacity(returned.len());
+    for tag in returned {
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    if let Some(tag) = tags.iter().find(|tag| tag.is_empty() || tag.len() > MAX_TAG_BYTES) {
+        return Err(format!(
+            "on-connect returned a tag of {} bytes: tags are 1 to {MAX_TAG_BYTES} bytes",
+            tag.len()
+        ));
+    }
+    Ok(tags)
 }
 
 /// Converts a guest message into a WebSocket frame. The frame's payload is

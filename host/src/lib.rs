@@ -6,19 +6,29 @@
 //! modules follow the path of a request:
 //!
 //! - [`server`]: HTTP and WebSocket routes, limits, shutdown;
-//! - [`router`]: the registry of live rooms, shard choice and fan-out;
+//! - [`router`]: shard choice, fan-out and publishing across shards;
+//! - [`registry`]: the live rooms of the process;
 //! - [`room`]: the actor that owns one room's instance and calls its exports;
 //! - [`connection`]: one socket's reader, writer and outbound queue;
 //! - [`guest`]: the host functions a room calls;
-//! - [`runtime`]: the wasmtime engine, the compiled component and its limits.
+//! - [`runtime`]: the wasmtime engine, the compiled component and its limits;
+//! - [`metrics`]: what the server counts, in Prometheus format;
+//! - [`storage`]: each room's durable key-value storage and alarm, in SQLite;
+//! - [`alarm`]: the schedule of room alarms and the task that fires them;
+//! - [`env`]: the variables rooms read, from `--var` and `--env-file`.
 
+pub mod alarm;
 pub mod config;
 pub mod connection;
+pub mod env;
 pub mod guest;
+pub mod metrics;
+pub mod registry;
 pub mod room;
 pub mod router;
 pub mod runtime;
 pub mod server;
+pub mod storage;
 
 /// The built-in default room: the main party of PartyKit's reference
 /// sharding example, built from `examples/sharding` by the build script.

@@ -33,10 +33,22 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let runtime = load_room(&config)?;
+    let metrics = partyhost::metrics::install()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("failed to listen on {}", config.listen))?;
     let addr = listener.local_addr().context("failed to read the listening address")?;
+    let admin = match config.admin_listen {
+        Some(admin_addr) => {
+            let admin = tokio::net::TcpListener::bind(admin_addr)
+                .await
+                .with_context(|| format!("failed to listen on {admin_addr} (--admin-listen)"))?;
+            let admin_addr = admin.local_addr().context("failed to read the admin address")?;
+            tracing::info!(addr = %admin_addr, "admin listening on http://{admin_addr}");
+            Some(admin)
+        }
+        None => None,
+    };
     tracing::info!(
         module = %runtime.source,
         compile_ms = runtime.compile_time.as_millis() as u64,
@@ -44,7 +56,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         addr = %addr,
         "partyhost listening on http://{addr}"
     );
-    partyhost::server::serve(listener, runtime, config, shutdown_signal()).await
+    partyhost::server::serve(listener, admin, runtime, config, metrics, shutdown_signal()).await
 }
 
 fn load_room(config: &Config) -> anyhow::Result<Arc<Runtime>> {

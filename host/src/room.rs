@@ -23,8 +23,10 @@ use wasmtime::Store;
 
 use crate::connection::{close_code, ConnectionHandle};
 use crate::guest::RoomHost;
-use crate::router::Rooms;
-use crate::runtime::{self, GuestMessage, GuestRequest, GuestResponse, Party, Runtime};
+use crate::registry::{Answered, RequestError, Rooms};
+use crate::router::ATTEMPT_HEADER;
+use crate::alarm;
+use crate::runtime::{self, GuestAdmission, GuestMessage, GuestRequest, GuestResponse, Party, Runtime};
 
 /// First wait before restarting an instance that trapped in `on-start`.
 const FIRST_RESTART_BACKOFF: Duration = Duration::from_millis(100);
@@ -35,24 +37,44 @@ const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
 /// An event in a room's mailbox.
 pub enum RoomEvent {
-    /// A WebSocket was upgraded and wants to join. The reply says whether
-    /// `on-connect` accepted it.
+    /// A WebSocket asks to join. The reply says whether `on-before-connect`
+    /// and `on-connect` accepted it.
     Connect {
         handle: ConnectionHandle,
         request: GuestRequest,
-        reply: oneshot::Sender<Result<(), Rejection>>,
+        reply: oneshot::Sender<ConnectOutcome>,
     },
     /// A connection sent a message.
     Message { conn: Arc<str>, serial: u64, message: GuestMessage },
     /// A connection's socket is gone.
     Close { conn: Arc<str>, serial: u64, code: u16, reason: String },
-    /// An HTTP request for the room.
+    /// A connection's socket failed; its `Close` follows.
+    Error { conn: Arc<str>, serial: u64, error: String },
+    /// The room's alarm may be due.
+    Alarm,
+    /// A message a shard of the same logical room published.
+    Publish { origin: Arc<str>, message: GuestMessage },
+    /// An HTTP request for the room. A call that traps is made again, up to
+    /// `attempts` calls in all, once the instance restarted.
     Request {
         request: GuestRequest,
-        reply: oneshot::Sender<Result<GuestResponse, CallFailure>>,
+        attempts: u32,
+        reply: oneshot::Sender<Answered>,
     },
     /// The server is stopping: close every socket with 1001 and exit.
     Shutdown,
+}
+
+/// How a room answered a WebSocket that asked to join.
+#[derive(Debug)]
+pub enum ConnectOutcome {
+    /// `on-connect` ran, and the connection is in the room.
+    Accepted,
+    /// `on-before-connect` rejected the upgrade with this HTTP response.
+    Refused(GuestResponse),
+    /// The room failed to take the connection: the socket is closed with
+    /// this code and reason right after the upgrade.
+    Rejected(Rejection),
 }
 
 /// Why a connection was not accepted: the close code and reason it gets.
@@ -102,6 +124,9 @@ impl std::fmt::Display for CallFailure {
 pub struct RoomStats {
     /// Open connections.
     pub connections: AtomicUsize,
+    /// Handshakes sent to the room that it has not handled yet. The router
+    /// counts them as load, so a burst of connects spreads over the shards.
+    pub joining: AtomicUsize,
     /// Guest calls that trapped.
     pub traps: AtomicU64,
     /// Instances started after the first one.
@@ -148,8 +173,10 @@ pub fn spawn(id: Arc<str>, generation: u64, runtime: Arc<Runtime>, rooms: Arc<Ro
         stats: stats.clone(),
         mailbox: sender,
     };
+    let (publishes, published) = mpsc::channel(crate::guest::MAX_PENDING_PUBLISHES);
+    tokio::spawn(crate::router::forward_publishes(rooms.clone(), id.clone(), published));
     let actor = RoomActor {
-        host: Some(RoomHost::new(id.clone())),
+        host: Some(RoomHost::new(id.clone(), publishes, rooms.services().clone())),
         instance: None,
         id,
         generation,
@@ -172,26 +199,72 @@ struct Instance {
 
 /// A guest export call.
 enum Call {
+    BeforeConnect(GuestRequest),
     Connect(Arc<str>, GuestRequest),
     Message(Arc<str>, GuestMessage),
-    Close(Arc<str>),
+    Close(Arc<str>, u16, String),
+    Error(Arc<str>, String),
+    Alarm,
+    Publish(Arc<str>, GuestMessage),
+    BeforeRequest(GuestRequest),
     Request(GuestRequest),
 }
 
 impl Call {
     fn export(&self) -> &'static str {
         match self {
+            Call::BeforeConnect(..) => "on-before-connect",
             Call::Connect(..) => "on-connect",
             Call::Message(..) => "on-message",
             Call::Close(..) => "on-close",
+            Call::Error(..) => "on-error",
+            Call::Alarm => "on-alarm",
+            Call::Publish(..) => "on-publish",
+            Call::BeforeRequest(..) => "on-before-request",
             Call::Request(..) => "on-request",
         }
     }
 
     fn connection(&self) -> Option<&str> {
         match self {
-            Call::Connect(conn, _) | Call::Message(conn, _) | Call::Close(conn) => Some(conn),
-            Call::Request(_) => None,
+            Call::Connect(conn, _) | Call::Message(conn, _) | Call::Close(conn, ..) | Call::Error(conn, _) => {
+                Some(conn)
+            }
+            Call::BeforeConnect(_) | Call::Alarm | Call::Publish(..) | Call::BeforeRequest(_) | Call::Request(_) => {
+                None
+            }
+        }
+    }
+}
+
+/// What an export returned.
+enum Output {
+    /// The export returns nothing.
+    Done,
+    Response(GuestResponse),
+    Admission(GuestAdmission),
+    Tags(Vec<String>),
+}
+
+impl Output {
+    fn into_response(self) -> GuestResponse {
+        match self {
+            Output::Response(response) => response,
+            _ => unreachable!("on-request returns a response"),
+        }
+    }
+
+    fn into_admission(self) -> GuestAdmission {
+        match self {
+            Output::Admission(admission) => admission,
+            _ => unreachable!("on-before-connect and on-before-request return an admission"),
+        }
+    }
+
+    fn into_tags(self) -> Vec<String> {
+        match self {
+            Output::Tags(tags) => tags,
+            _ => unreachable!("on-connect returns tags"),
         }
     }
 }
@@ -244,6 +317,8 @@ impl RoomActor {
                 Some(RoomEvent::Shutdown) | None => break,
                 Some(event) => self.handle(event).await,
             }
+            let open = self.host().connections.len();
+            self.host().metrics.connections.set(open as f64);
         }
         self.shut_down().await;
     }
@@ -255,6 +330,7 @@ impl RoomActor {
                 if !self.is_current(&conn, serial) {
                     return;
                 }
+                self.host().metrics.messages_in.increment(1);
                 if let Err(failure) = self.call(Call::Message(conn.clone(), message)).await {
                     self.reject_connection(&conn, &failure);
                 }
@@ -266,45 +342,179 @@ impl RoomActor {
                 self.host_mut().connections.shift_remove(&*conn);
                 self.stats.connections.fetch_sub(1, Ordering::Relaxed);
                 tracing::debug!(room = %self.id, conn = %conn, code, reason, "connection closed");
-                let _ = self.call(Call::Close(conn)).await;
+                let _ = self.call(Call::Close(conn, code, reason)).await;
             }
-            RoomEvent::Request { request, reply } => {
-                let result = self.call(Call::Request(request)).await.map(|output| {
-                    output.expect("on-request returns a response")
-                });
-                let _ = reply.send(result);
+            RoomEvent::Error { conn, serial, error } => {
+                if !self.is_current(&conn, serial) {
+                    return;
+                }
+                tracing::debug!(room = %self.id, conn = %conn, error, "socket failed");
+                let _ = self.call(Call::Error(conn, error)).await;
+            }
+            RoomEvent::Alarm => self.alarm().await,
+            RoomEvent::Publish { origin, message } => {
+                let _ = self.call(Call::Publish(origin, message)).await;
+            }
+            RoomEvent::Request { request, attempts, reply } => {
+                let answered = self.request(request, attempts.max(1)).await;
+                let _ = reply.send(answered);
             }
             RoomEvent::Shutdown => unreachable!("handled by the event loop"),
         }
     }
 
-    async fn connect(
+    /// Calls `on-request`, again after a trap while attempts remain. The
+    /// retry runs before the next event in the mailbox, so requests keep
+    /// the order in which they arrived.
+    async fn request(&mut self, request: GuestRequest, attempts: u32) -> Answered {
+        let request = match self.before_request(request).await {
+            Ok(request) => request,
+            Err(result) => return Answered { result, attempts: 1 },
+        };
+        let call_timeout = self.runtime.limits().call_timeout();
+        let mut attempt = 1;
+        loop {
+            let mut this_attempt = request.clone();
+            this_attempt.headers.push((ATTEMPT_HEADER.to_string(), attempt.to_string()));
+            let result = self.call(Call::Request(this_attempt)).await;
+            let retry = match &result {
+                Ok(_) => false,
+                Err(CallFailure::Trap(_)) => true,
+                // A restart that is near enough is worth waiting for.
+                Err(CallFailure::Unavailable(_)) => {
+                    self.restart_at.is_some_and(|at| at <= Instant::now() + call_timeout)
+                }
+            };
+            if !retry || attempt >= attempts {
+                let result = result.map(Output::into_response).map_err(RequestError::Call);
+                return Answered { result, attempts: attempt };
+            }
+            attempt += 1;
+            if let Some(at) = self.restart_at {
+                tokio::time::sleep_until(at).await;
+            }
+            tracing::info!(room = %self.id, attempt, "retrying request after a failed call");
+        }
+    }
+
+    /// Runs `on-before-request`. Returns the request to pass on, with the
+    /// headers it added, or the answer that ends the request here.
+    async fn before_request(
         &mut self,
-        handle: ConnectionHandle,
-        request: GuestRequest,
-        reply: oneshot::Sender<Result<(), Rejection>>,
-    ) {
+        mut request: GuestRequest,
+    ) -> Result<GuestRequest, Result<GuestResponse, RequestError>> {
+        match self.call(Call::BeforeRequest(request.clone())).await.map(Output::into_admission) {
+            Ok(GuestAdmission::Allow(headers)) => {
+                add_headers(&mut request, headers);
+                Ok(request)
+            }
+            Ok(GuestAdmission::Reject(response)) => {
+                tracing::debug!(room = %self.id, status = response.status, "on-before-request rejected a request");
+                Err(Ok(response))
+            }
+            Err(failure) => Err(Err(RequestError::Call(failure))),
+        }
+    }
+
+    async fn connect(&mut self, handle: ConnectionHandle, mut request: GuestRequest, reply: oneshot::Sender<ConnectOutcome>) {
+        self.stats.joining.fetch_sub(1, Ordering::Relaxed);
         let conn = handle.id.clone();
+
+        // on-before-connect runs before the socket joins, so a client it
+        // rejects never appears in the room, and an older socket with the
+        // same id stays.
+        match self.call(Call::BeforeConnect(request.clone())).await.map(Output::into_admission) {
+            Ok(GuestAdmission::Allow(headers)) => add_headers(&mut request, headers),
+            Ok(GuestAdmission::Reject(response)) => {
+                tracing::info!(room = %self.id, conn = %conn, status = response.status,
+                    "on-before-connect rejected a connection");
+                let _ = reply.send(ConnectOutcome::Refused(response));
+                return;
+            }
+            Err(failure) => {
+                let _ = reply.send(ConnectOutcome::Rejected(failure.rejection()));
+                return;
+            }
+        }
+
         if let Some(previous) = self.host_mut().connections.shift_remove(&*conn) {
             // A reconnecting client reuses its `_pk`: the newer socket wins.
-            previous.close(close_code::NORMAL, "replaced by a newer connection with the same id");
+            let reason = "replaced by a newer connection with the same id";
+            previous.close(close_code::NORMAL, reason);
             self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            let _ = self.call(Call::Close(conn.clone())).await;
+            let _ = self.call(Call::Close(conn.clone(), close_code::NORMAL, reason.into())).await;
         }
 
         self.host_mut().connections.insert(conn.clone(), handle.clone());
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        match self.call(Call::Connect(conn.clone(), request)).await {
-            Ok(_) => {
-                let _ = reply.send(Ok(()));
+        let result = self.call(Call::Connect(conn.clone(), request)).await;
+        let tags = match result.map(|output| crate::guest::check_tags(output.into_tags())) {
+            Ok(Ok(tags)) => tags,
+            Ok(Err(message)) => {
+                tracing::warn!(room = %self.id, conn = %conn, "connection rejected: {message}");
+                self.remove_joining(&conn, handle.serial);
+                let rejection = Rejection {
+                    code: close_code::INTERNAL_ERROR,
+                    reason: format!("room error: {message}"),
+                };
+                let _ = reply.send(ConnectOutcome::Rejected(rejection));
+                return;
             }
             Err(failure) => {
-                if self.is_current(&conn, handle.serial) {
-                    self.host_mut().connections.shift_remove(&*conn);
-                    self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-                }
-                let _ = reply.send(Err(failure.rejection()));
+                self.remove_joining(&conn, handle.serial);
+                let _ = reply.send(ConnectOutcome::Rejected(failure.rejection()));
+                return;
             }
+        };
+        handle.set_tags(tags);
+        let _ = reply.send(ConnectOutcome::Accepted);
+    }
+
+    /// Removes a connection that failed to join, unless a newer socket with
+    /// the same id replaced it meanwhile.
+    fn remove_joining(&mut self, conn: &str, serial: u64) {
+        if self.is_current(conn, serial) {
+            self.host_mut().connections.shift_remove(conn);
+            self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `on-alarm` if the room's alarm is due, then deletes the alarm
+    /// unless the guest set or deleted one during the call.
+    async fn alarm(&mut self) {
+        let services = self.host().services.clone();
+        let now = alarm::now_ms();
+        let retry_at = now + alarm::RETRY_DELAY.as_millis() as u64;
+        let due = match services.storage.alarm(&self.id) {
+            Ok(Some(at)) if at <= now => at,
+            // Deleted, or moved later after the scheduler took it; a new
+            // time is in the schedule.
+            Ok(_) => return,
+            Err(err) => {
+                tracing::error!(room = %self.id, err = %err, "failed to read the alarm: trying again");
+                services.alarms.schedule(&self.id, retry_at);
+                return;
+            }
+        };
+        tracing::info!(room = %self.id, late_ms = now - due, "alarm fired");
+
+        self.host_mut().alarm_changed = false;
+        match self.call(Call::Alarm).await {
+            Ok(_) => {}
+            Err(CallFailure::Unavailable(reason)) => {
+                tracing::warn!(room = %self.id, reason, "alarm could not run: trying again");
+                services.alarms.schedule(&self.id, retry_at);
+                return;
+            }
+            // NOTE: an on-alarm that traps is not retried; its alarm is
+            // deleted like one that ran, and the trap is logged by `call`.
+            Err(CallFailure::Trap(_)) => {}
+        }
+        if self.host().alarm_changed {
+            return;
+        }
+        if let Err(err) = services.storage.delete_alarm(&self.id) {
+            tracing::error!(room = %self.id, err = %err, "failed to delete the alarm that fired");
         }
     }
 
@@ -324,7 +534,7 @@ impl RoomActor {
 
     /// Calls an export, starting an instance first if none runs. A trap
     /// drops the instance and schedules a restart.
-    async fn call(&mut self, call: Call) -> Result<Option<GuestResponse>, CallFailure> {
+    async fn call(&mut self, call: Call) -> Result<Output, CallFailure> {
         if self.instance.is_none() {
             self.start_instance().await?;
         }
@@ -332,22 +542,40 @@ impl RoomActor {
         let instance = self.instance.as_mut().expect("an instance runs after a start");
         arm_deadline(&mut instance.store, self.runtime.limits().call_timeout());
 
+        let started = Instant::now();
         let store = &mut instance.store;
         let party = &instance.party;
         let result = match &call {
+            Call::BeforeConnect(request) => {
+                party.call_on_before_connect(store, request).await.map(Output::Admission)
+            }
             Call::Connect(conn, request) => {
-                party.call_on_connect(store, &conn.to_string(), request).await.map(|()| None)
+                party.call_on_connect(store, &conn.to_string(), request).await.map(Output::Tags)
             }
             Call::Message(conn, message) => {
-                party.call_on_message(store, &conn.to_string(), message).await.map(|()| None)
+                party.call_on_message(store, &conn.to_string(), message).await.map(|()| Output::Done)
             }
-            Call::Close(conn) => party.call_on_close(store, &conn.to_string()).await.map(|()| None),
-            Call::Request(request) => party.call_on_request(store, request).await.map(Some),
+            Call::Close(conn, code, reason) => {
+                party.call_on_close(store, &conn.to_string(), *code, reason).await.map(|()| Output::Done)
+            }
+            Call::Error(conn, error) => {
+                party.call_on_error(store, &conn.to_string(), error).await.map(|()| Output::Done)
+            }
+            Call::Alarm => party.call_on_alarm(store).await.map(|()| Output::Done),
+            Call::Publish(origin, message) => {
+                party.call_on_publish(store, &origin.to_string(), message).await.map(|()| Output::Done)
+            }
+            Call::BeforeRequest(request) => {
+                party.call_on_before_request(store, request).await.map(Output::Admission)
+            }
+            Call::Request(request) => party.call_on_request(store, request).await.map(Output::Response),
         };
 
+        crate::metrics::guest_call(export, started.elapsed());
         match result {
             Ok(output) => Ok(output),
             Err(err) => {
+                self.host().metrics.trap(export);
                 let reason = self.trap_reason(&err);
                 let conn = call.connection().map(tracing::field::display);
                 tracing::error!(room = %self.id, export, conn, reason, "guest trapped");
@@ -394,6 +622,7 @@ impl RoomActor {
 
         if self.started_once {
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+            store.data().metrics.restarts.increment(1);
             tracing::info!(room = %self.id, "instance restarted");
         }
         self.started_once = true;
@@ -403,7 +632,8 @@ impl RoomActor {
         Ok(())
     }
 
-    fn start_failed(&mut self, store: Store<RoomHost>, export: &str, reason: String) -> CallFailure {
+    fn start_failed(&mut self, store: Store<RoomHost>, export: &'static str, reason: String) -> CallFailure {
+        store.data().metrics.trap(export);
         tracing::error!(room = %self.id, export, reason, retry_in_ms = self.backoff.as_millis() as u64,
             "guest trapped while starting");
         self.stats.traps.fetch_add(1, Ordering::Relaxed);
@@ -460,6 +690,7 @@ impl RoomActor {
             late.push(event);
         }
         tracing::debug!(room = %self.id, late_events = late.len(), "room idle: stopping its instance");
+        self.host().metrics.connections.set(0.0);
         self.instance = None;
         if late.is_empty() {
             return;
@@ -484,10 +715,25 @@ impl RoomActor {
             if self.instance.is_none() {
                 break;
             }
-            let _ = self.call(Call::Close(handle.id.clone())).await;
+            let reason = "server is shutting down".to_string();
+            let _ = self.call(Call::Close(handle.id.clone(), close_code::GOING_AWAY, reason)).await;
         }
+        self.host().metrics.connections.set(0.0);
         self.rooms.remove_if_current(&self.id, self.generation);
     }
+}
+
+/// Adds headers that `on-before-connect` or `on-before-request` returned to
+/// `request`, each replacing the client's headers of the same name.
+fn add_headers(request: &mut GuestRequest, headers: Vec<(String, String)>) {
+    if headers.is_empty() {
+        return;
+    }
+    let headers: Vec<(String, String)> =
+        headers.into_iter().map(|(name, value)| (name.to_ascii_lowercase(), value)).collect();
+    let replaced: std::collections::HashSet<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
+    request.headers.retain(|(name, _)| !replaced.contains(name.to_ascii_lowercase().as_str()));
+    request.headers.extend(headers.iter().cloned());
 }
 
 /// Gives the next guest call `timeout` of CPU time.

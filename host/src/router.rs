@@ -1,25 +1,50 @@
-//! The registry of live rooms and the router in front of sharded rooms.
+//! The router in front of sharded rooms: shard choice, fan-out and
+//! cross-shard publishing.
 //!
-//! A room is started on first use and removes itself when idle. A logical
-//! room `<room>` behind `/parties/router/<room>` is the set of shard rooms
-//! `<room>-1` to `<room>-N`: a WebSocket is assigned to one shard by
-//! [`pick_shard`], and an HTTP request is fanned out to every shard. The
-//! fan-out waits for all shards and reports each one's status.
+//! A logical room `<room>` behind `/parties/router/<room>` is the set of
+//! shard rooms `<room>-1` to `<room>-N`, N from `--shards` or
+//! `--shards-for`. A WebSocket joins the shard [`Rooms::pick_shard`] chooses
+//! under `--balance`. An HTTP request is fanned out to every shard: it gets a
+//! request id (the `Idempotency-Key` header, or a UUID), is put in every
+//! shard's mailbox in the order the router accepted it, and is retried up to
+//! `--fanout-attempts` calls on a shard whose call trapped. A request whose
+//! key was seen within `--idempotency-window` is answered with the first
+//! result. Messages a room publishes reach every shard of its logical room,
+//! in the order they were published.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::Instant;
 
 use rand::Rng;
 use serde::Serialize;
-use tokio::sync::oneshot;
 
-use crate::room::{self, CallFailure, RoomEvent, RoomHandle};
-use crate::runtime::{GuestRequest, GuestResponse, Runtime};
+use crate::config::Balance;
+use crate::registry::{RequestError, Rooms};
+use crate::room::RoomEvent;
+use crate::runtime::{GuestMessage, GuestRequest};
 
 /// Longest room id, in bytes.
 pub const MAX_ROOM_ID_LEN: usize = 128;
+
+/// Header that carries a fanned-out request's id to each shard.
+pub const REQUEST_ID_HEADER: &str = "x-partyhost-request-id";
+
+/// Header that tells a shard which attempt at a fanned-out request a call
+/// is, starting at 1.
+pub const ATTEMPT_HEADER: &str = "x-partyhost-attempt";
+
+/// Longest `Idempotency-Key`, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Keys the idempotency cache remembers at once. Past it, requests run
+/// without deduplication until old keys expire.
+const MAX_REMEMBERED_KEYS: usize = 100_000;
+
+/// Locks that order the fan-outs of one logical room. Rooms share a lock
+/// when their names hash alike, which costs only a short wait.
+const SEQUENCER_STRIPES: usize = 64;
 
 /// Checks a room id from a URL: 1 to 128 bytes of `[A-Za-z0-9._-]`.
 pub fn validate_room_id(id: &str) -> Result<(), String> {
@@ -47,196 +72,62 @@ pub fn shard_id(room: &str, k: u32) -> String {
     format!("{room}-{k}")
 }
 
-/// Picks the shard (1..=shards) for a new WebSocket of a logical room.
-pub fn pick_shard(shards: u32) -> u32 {
-    rand::rng().random_range(1..=shards)
-}
-
-/// Why a room could not be reached.
-#[derive(Debug, Clone)]
-pub enum RoomsError {
-    /// `--max-rooms` rooms are already running.
-    Full(u32),
-    /// The server is shutting down.
-    ShuttingDown,
-}
-
-impl std::fmt::Display for RoomsError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RoomsError::Full(max) => write!(f, "the server runs its maximum of {max} rooms (--max-rooms)"),
-            RoomsError::ShuttingDown => write!(f, "the server is shutting down"),
-        }
+/// Splits a room id `<room>-<k>` into the logical room and k.
+pub fn split_shard_id(id: &str) -> Option<(&str, u32)> {
+    let (room, suffix) = id.rsplit_once('-')?;
+    if room.is_empty() || suffix.starts_with('0') {
+        return None;
     }
+    let k: u32 = suffix.parse().ok()?;
+    Some((room, k))
 }
 
-/// All live rooms of the process.
-pub struct Rooms {
-    runtime: Arc<Runtime>,
-    live: Mutex<HashMap<Arc<str>, RoomHandle>>,
-    next_generation: AtomicU64,
-    shutting_down: AtomicBool,
+fn fnv_hash(value: &str) -> u64 {
+    let mut hasher = fnv::FnvHasher::default();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl Rooms {
-    pub fn new(runtime: Arc<Runtime>) -> Arc<Rooms> {
-        Arc::new(Rooms {
-            runtime,
-            live: Mutex::new(HashMap::new()),
-            next_generation: AtomicU64::new(1),
-            shutting_down: AtomicBool::new(false),
+    /// Room ids of every shard of `room`'s logical room, `room` included,
+    /// or just `room` when it is not a shard.
+    pub fn siblings(&self, room: &str) -> Vec<String> {
+        match split_shard_id(room) {
+            Some((logical, k)) if k <= self.config.shards_for(logical) => {
+                (1..=self.config.shards_for(logical)).map(|k| shard_id(logical, k)).collect()
+            }
+            _ => vec![room.to_string()],
+        }
+    }
+
+    /// Open and joining connections of room `id`; 0 when it is not running.
+    pub fn load(&self, id: &str) -> usize {
+        self.find(id).map_or(0, |handle| {
+            handle.stats.connections.load(std::sync::atomic::Ordering::Relaxed)
+                + handle.stats.joining.load(std::sync::atomic::Ordering::Relaxed)
         })
     }
 
-    pub fn runtime(&self) -> &Arc<Runtime> {
-        &self.runtime
-    }
-
-    /// Returns the room `id`, starting it if it is not running.
-    pub fn get(self: &Arc<Self>, id: &str) -> Result<RoomHandle, RoomsError> {
-        if self.shutting_down.load(Ordering::Acquire) {
-            return Err(RoomsError::ShuttingDown);
-        }
-        let mut live = self.live.lock().expect("room registry lock");
-        if let Some(handle) = live.get(id) {
-            return Ok(handle.clone());
-        }
-        let max_rooms = self.runtime.limits().max_rooms;
-        if live.len() >= max_rooms as usize {
-            return Err(RoomsError::Full(max_rooms));
-        }
-        let id: Arc<str> = id.into();
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        let handle = room::spawn(id.clone(), generation, self.runtime.clone(), self.clone());
-        live.insert(id, handle.clone());
-        Ok(handle)
-    }
-
-    /// Returns the room `id` if it is running, without starting it.
-    pub fn find(&self, id: &str) -> Option<RoomHandle> {
-        self.live.lock().expect("room registry lock").get(id).cloned()
-    }
-
-    /// Removes room `id` from the registry if it is still the room of
-    /// `generation`. Returns whether it was removed.
-    pub fn remove_if_current(&self, id: &str, generation: u64) -> bool {
-        let mut live = self.live.lock().expect("room registry lock");
-        if live.get(id).is_some_and(|handle| handle.generation == generation) {
-            live.remove(id);
-            return true;
-        }
-        false
-    }
-
-    /// Delivers an event to room `id`, starting the room if needed and
-    /// retrying once if the room stopped between lookup and delivery.
-    /// Returns false when no room could take it.
-    pub async fn deliver(self: &Arc<Self>, id: &str, mut event: RoomEvent) -> bool {
-        for _ in 0..3 {
-            let Ok(handle) = self.get(id) else {
-                return false;
-            };
-            match handle.notify_within(event, Duration::MAX).await {
-                Ok(()) => return true,
-                Err((returned, _)) => {
-                    self.remove_if_current(id, handle.generation);
-                    event = returned;
+    /// Chooses the shard (1..=N) for a new WebSocket of logical room `room`
+    /// whose connection id is `conn`.
+    pub fn pick_shard(&self, room: &str, conn: &str) -> u32 {
+        let shards = self.config.shards_for(room);
+        match self.config.balance {
+            Balance::Random => rand::rng().random_range(1..=shards),
+            Balance::LeastConnections => (1..=shards)
+                .min_by_key(|&k| (self.load(&shard_id(room, k)), k))
+                .expect("a logical room has at least one shard"),
+            Balance::PowerOfTwo => {
+                let mut rng = rand::rng();
+                let first = rng.random_range(1..=shards);
+                let second = rng.random_range(1..=shards);
+                if self.load(&shard_id(room, second)) < self.load(&shard_id(room, first)) {
+                    second
+                } else {
+                    first
                 }
             }
-        }
-        tracing::warn!(room = id, "event lost: the room kept stopping while it was delivered");
-        false
-    }
-
-    /// Sends an HTTP request to room `id` and waits for its response. The
-    /// mailbox wait is bounded by the call timeout.
-    pub async fn request(self: &Arc<Self>, id: &str, request: GuestRequest) -> Result<GuestResponse, RequestError> {
-        let wait = self.runtime.limits().call_timeout();
-        let mut pending = Some(request);
-        for _ in 0..3 {
-            let handle = self.get(id).map_err(RequestError::Rooms)?;
-            let (reply, response) = oneshot::channel();
-            let event = RoomEvent::Request {
-                request: pending.take().expect("request is pending"),
-                reply,
-            };
-            match handle.notify_within(event, wait).await {
-                Ok(()) => {
-                    return match response.await {
-                        Ok(result) => result.map_err(RequestError::Call),
-                        Err(_) => Err(RequestError::Stopped),
-                    };
-                }
-                Err((RoomEvent::Request { request, .. }, stopped)) => {
-                    if !stopped {
-                        return Err(RequestError::MailboxFull);
-                    }
-                    self.remove_if_current(id, handle.generation);
-                    pending = Some(request);
-                }
-                Err(_) => unreachable!("the mailbox returns the event it was given"),
-            }
-        }
-        Err(RequestError::Stopped)
-    }
-
-    /// Stops accepting rooms, then tells every room to close its sockets
-    /// and waits until all have stopped or `deadline` passed.
-    pub async fn shutdown(&self, deadline: Duration) {
-        self.shutting_down.store(true, Ordering::Release);
-        let rooms: Vec<RoomHandle> = self.live.lock().expect("room registry lock").values().cloned().collect();
-        for handle in &rooms {
-            handle.notify_within(RoomEvent::Shutdown, deadline).await.ok();
-        }
-        let drained = async {
-            while !self.live.lock().expect("room registry lock").is_empty() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        if tokio::time::timeout(deadline, drained).await.is_err() {
-            tracing::warn!("some rooms did not stop before the shutdown deadline");
-        }
-    }
-
-    /// Number of live rooms.
-    pub fn len(&self) -> usize {
-        self.live.lock().expect("room registry lock").len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Why an HTTP request to a room got no response from the guest.
-#[derive(Debug, Clone)]
-pub enum RequestError {
-    Rooms(RoomsError),
-    Call(CallFailure),
-    /// The mailbox stayed full for the whole call timeout.
-    MailboxFull,
-    /// The room stopped before it answered.
-    Stopped,
-}
-
-impl RequestError {
-    /// HTTP status for this failure.
-    pub fn status(&self) -> u16 {
-        match self {
-            RequestError::Call(CallFailure::Trap(_)) => 500,
-            RequestError::Rooms(_) | RequestError::Call(CallFailure::Unavailable(_)) | RequestError::MailboxFull => 503,
-            RequestError::Stopped => 503,
-        }
-    }
-}
-
-impl std::fmt::Display for RequestError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RequestError::Rooms(err) => err.fmt(f),
-            RequestError::Call(failure) => failure.fmt(f),
-            RequestError::MailboxFull => write!(f, "the room's mailbox is full (--mailbox); retry later"),
-            RequestError::Stopped => write!(f, "the room stopped before it answered"),
+            Balance::Sticky => (fnv_hash(conn) % u64::from(shards)) as u32 + 1,
         }
     }
 }
@@ -246,55 +137,204 @@ impl std::fmt::Display for RequestError {
 pub struct ShardOutcome {
     pub room: String,
     pub status: u16,
+    /// Guest calls made; more than 1 when calls trapped and were retried.
+    pub attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
 
 /// The router's answer to a fanned-out request.
 #[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct FanOutSummary {
     pub room: String,
+    pub request_id: String,
     pub shards: Vec<ShardOutcome>,
     /// Shards that did not answer 2xx.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<String>,
 }
 
-/// Sends `request` to every shard of logical room `room` at once and waits
-/// for all of them.
-pub async fn fan_out(rooms: &Arc<Rooms>, room: &str, shards: u32, request: GuestRequest) -> FanOutSummary {
-    let calls = (1..=shards).map(|k| {
-        let id = shard_id(room, k);
-        let request = request.clone();
-        async move {
-            match rooms.request(&id, request).await {
+/// Orders and deduplicates fanned-out requests.
+pub struct Router {
+    sequencers: Vec<tokio::sync::Mutex<()>>,
+    remembered: Mutex<HashMap<(String, String), Remembered>>,
+}
+
+/// The result of a request with an idempotency key, once it is known.
+struct Remembered {
+    first_seen: Instant,
+    summary: Arc<tokio::sync::OnceCell<FanOutSummary>>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router {
+            sequencers: (0..SEQUENCER_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            remembered: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Router {
+    /// Fans `request` out to every shard of `room`. With an idempotency
+    /// key seen within the window, returns the first request's summary
+    /// instead, waiting for it if it is still running.
+    pub async fn fan_out(
+        &self,
+        rooms: &Arc<Rooms>,
+        room: &str,
+        request: GuestRequest,
+        idempotency_key: Option<String>,
+    ) -> FanOutSummary {
+        let Some(key) = idempotency_key else {
+            return self.fan_out_once(rooms, room, request, uuid::Uuid::new_v4().to_string()).await;
+        };
+        let Some(summary) = self.remember(rooms, room, &key) else {
+            return self.fan_out_once(rooms, room, request, key).await;
+        };
+        let summary = summary
+            .get_or_init(|| self.fan_out_once(rooms, room, request, key.clone()))
+            .await;
+        summary.clone()
+    }
+
+    /// Returns the cell that holds the result for `key` in `room`, or `None`
+    /// when the cache is full.
+    fn remember(&self, rooms: &Rooms, room: &str, key: &str) -> Option<Arc<tokio::sync::OnceCell<FanOutSummary>>> {
+        let window = rooms.config.idempotency_window();
+        let mut remembered = self.remembered.lock().expect("idempotency cache lock");
+        let id = (room.to_string(), key.to_string());
+        if let Some(entry) = remembered.get(&id) {
+            if entry.first_seen.elapsed() < window {
+                return Some(entry.summary.clone());
+            }
+        }
+        if remembered.len() >= MAX_REMEMBERED_KEYS {
+            remembered.retain(|_, entry| entry.first_seen.elapsed() < window);
+        }
+        if remembered.len() >= MAX_REMEMBERED_KEYS {
+            tracing::warn!(room = %room, max = MAX_REMEMBERED_KEYS, "idempotency cache full: request runs without deduplication");
+            return None;
+        }
+        let summary = Arc::new(tokio::sync::OnceCell::new());
+        remembered.insert(
+            id,
+            Remembered {
+                first_seen: Instant::now(),
+                summary: summary.clone(),
+            },
+        );
+        Some(summary)
+    }
+
+    async fn fan_out_once(&self, rooms: &Arc<Rooms>, room: &str, mut request: GuestRequest, request_id: String) -> FanOutSummary {
+        let started = Instant::now();
+        let shards = rooms.config.shards_for(room);
+        let attempts = rooms.config.fanout_attempts;
+        request.headers.retain(|(name, _)| name != REQUEST_ID_HEADER && name != ATTEMPT_HEADER);
+        request.headers.push((REQUEST_ID_HEADER.to_string(), request_id.clone()));
+
+        // Enqueue on every shard while holding the room's turn, so two
+        // requests reach all shards in the same order.
+        let mut pending = Vec::with_capacity(shards as usize);
+        {
+            let stripe = (fnv_hash(room) % SEQUENCER_STRIPES as u64) as usize;
+            let _turn = self.sequencers[stripe].lock().await;
+            for k in 1..=shards {
+                let id = shard_id(room, k);
+                let queued = rooms.enqueue_request(&id, request.clone(), attempts).await;
+                pending.push((id, queued));
+            }
+        }
+
+        let answers = pending.into_iter().map(|(id, queued)| async move {
+            let answered = match queued {
+                Ok(answer) => answer.await.map_err(|_| RequestError::Stopped),
+                Err(err) => Err(err),
+            };
+            let (result, attempts) = match answered {
+                Ok(answered) => (answered.result, answered.attempts),
+                Err(err) => (Err(err), 0),
+            };
+            match result {
                 Ok(response) => ShardOutcome {
-                    error: (!(200..300).contains(&response.status)).then(|| {
-                        format!("the room answered {}", response.status)
-                    }),
+                    error: (!(200..300).contains(&response.status))
+                        .then(|| format!("the room answered {}", response.status)),
                     room: id,
                     status: response.status,
+                    attempts,
                 },
                 Err(err) => {
-                    tracing::warn!(room = %room, shard = %id, err = %err, "fan-out to shard failed");
+                    tracing::warn!(room = %room, shard = %id, attempts, err = %err, "fan-out to shard failed");
                     ShardOutcome {
                         room: id,
                         status: err.status(),
+                        attempts,
                         error: Some(err.to_string()),
                     }
                 }
             }
+        });
+        let outcomes = futures_util::future::join_all(answers).await;
+        let failed = outcomes
+            .iter()
+            .filter(|outcome| outcome.error.is_some())
+            .map(|outcome| outcome.room.clone())
+            .collect();
+        metrics::histogram!("partyhost_fanout_duration_seconds").record(started.elapsed().as_secs_f64());
+        FanOutSummary {
+            room: room.to_string(),
+            request_id,
+            shards: outcomes,
+            failed,
         }
-    });
-    let outcomes = futures_util::future::join_all(calls).await;
-    let failed = outcomes
-        .iter()
-        .filter(|outcome| outcome.error.is_some())
-        .map(|outcome| outcome.room.clone())
-        .collect();
-    FanOutSummary {
-        room: room.to_string(),
-        shards: outcomes,
-        failed,
+    }
+}
+
+/// Delivers the messages room `origin` publishes to every shard of its
+/// logical room, one message at a time, so each shard receives them in the
+/// order they were published. Ends when the room drops its sender.
+pub async fn forward_publishes(
+    rooms: Arc<Rooms>,
+    origin: Arc<str>,
+    mut published: tokio::sync::mpsc::Receiver<GuestMessage>,
+) {
+    let siblings = rooms.siblings(&origin);
+    while let Some(message) = published.recv().await {
+        for sibling in &siblings {
+            let event = RoomEvent::Publish {
+                origin: origin.clone(),
+                message: message.clone(),
+            };
+            if !rooms.deliver(sibling, event).await {
+                tracing::warn!(room = %origin, shard = %sibling, "published message not delivered: the shard is unavailable");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_shard_id_accepts_only_shard_ids() {
+        assert_eq!(split_shard_id("lobby-3"), Some(("lobby", 3)));
+        assert_eq!(split_shard_id("a-b-12"), Some(("a-b", 12)));
+        assert_eq!(split_shard_id("lobby"), None, "no suffix");
+        assert_eq!(split_shard_id("lobby-0"), None, "shards count from 1");
+        assert_eq!(split_shard_id("lobby-01"), None, "shard numbers have no leading zero");
+        assert_eq!(split_shard_id("-3"), None, "empty logical room");
+        assert_eq!(split_shard_id("lobby-x"), None, "suffix is not a number");
+    }
+
+    #[test]
+    fn validate_room_id_bounds() {
+        assert!(validate_room_id(&"a".repeat(128)).is_ok());
+        assert!(validate_room_id(&"a".repeat(129)).is_err(), "129 bytes is too long");
+        assert!(validate_room_id("").is_err());
+        assert!(validate_room_id("a b").is_err());
+        assert!(validate_room_id("A-z_0.9").is_ok());
     }
 }

@@ -32,6 +32,7 @@ pub mod bindings {
 
 pub use bindings::partyhost::room::types::{Message as GuestMessage, Request as GuestRequest};
 pub use bindings::partyhost::room::types::Response as GuestResponse;
+pub use bindings::partyhost::room::types::Admission as GuestAdmission;
 pub use bindings::{Party, PartyPre};
 
 /// Interval of the epoch ticker, and so the longest a guest call runs before

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,17 +31,24 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::config::Config;
 use crate::connection::{self, close_code, close_frame, ConnectionHandle, SocketLimits};
-use crate::room::RoomEvent;
-use crate::router::{self, Rooms, RoomsError};
+use crate::alarm;
+use crate::guest::Services;
+use crate::room::{ConnectOutcome, RoomEvent};
+use crate::registry::{Rooms, RoomsError};
+use crate::router;
 use crate::runtime::{GuestRequest, GuestResponse, Runtime};
 
 /// Longest connection id (`_pk`), in bytes.
 pub const MAX_CONNECTION_ID_LEN: usize = 256;
+
+/// Bytes each socket reads at once.
+const SOCKET_READ_BUFFER: usize = 4096;
 
 /// Seconds a client is told to wait in `Retry-After` when the server is at a
 /// limit.
@@ -50,6 +57,12 @@ const RETRY_AFTER_SECS: &str = "1";
 struct App {
     rooms: Arc<Rooms>,
     config: Config,
+    /// Orders and deduplicates router fan-outs.
+    router: router::Router,
+    /// Renders `/metrics`.
+    metrics: PrometheusHandle,
+    /// False once shutdown started, so `/readyz` turns load balancers away.
+    ready: AtomicBool,
     /// Open WebSockets of the process, bounded by `--max-connections`.
     connections: Arc<AtomicUsize>,
     /// Admits handshakes at `--connect-rate` with bursts of
@@ -79,11 +92,15 @@ impl Drop for ConnectionPermit {
 /// Serves `listener` until `shutdown` resolves, then shuts down gracefully.
 pub async fn serve(
     listener: TcpListener,
+    admin: Option<TcpListener>,
     runtime: Arc<Runtime>,
     config: Config,
+    metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let rooms = Rooms::new(runtime);
+    let services = Services::open(&config)?;
+    let rooms = Rooms::new(runtime, config.clone(), services.clone());
+    let alarm_scheduler = alarm::spawn_scheduler(services.alarms.clone(), rooms.clone());
     let limits = &config.limits;
     let quota = Quota::per_second(NonZeroU32::new(limits.connect_rate).expect("--connect-rate is at least 1"))
         .allow_burst(NonZeroU32::new(limits.connect_burst).expect("--connect-burst is at least 1"));
@@ -93,10 +110,14 @@ pub async fn serve(
         rooms: rooms.clone(),
         connections: open_connections.clone(),
         handshakes: RateLimiter::direct(quota),
+        router: router::Router::default(),
+        metrics,
+        ready: AtomicBool::new(true),
         config,
     });
-    let routes = Router::new()
+    let mut routes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         .route("/parties/{party}", any(missing_room))
         .route("/parties/{party}/", any(missing_room))
         .route("/parties/{party}/{room}", any(party))
@@ -104,7 +125,23 @@ pub async fn serve(
         .fallback(|| async {
             text(StatusCode::NOT_FOUND, "not found: rooms live at /parties/<party>/<room>")
         })
-        .with_state(app);
+        .with_state(app.clone());
+    if admin.is_none() {
+        routes = routes.route("/metrics", get(render_metrics).with_state(app.clone()));
+    }
+    if let Some(admin) = admin {
+        let admin_routes = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(render_metrics))
+            .route("/parties/router/{room}", get(list_shards))
+            .with_state(app.clone());
+        tokio::spawn(async move {
+            if let Err(err) = axum::serve(admin, admin_routes).await {
+                tracing::error!(err = %err, "admin listener failed");
+            }
+        });
+    }
 
     let (stopping_tx, stopping) = oneshot::channel::<()>();
     let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
@@ -117,6 +154,10 @@ pub async fn serve(
     // Once shutdown starts, close the sockets while the HTTP side drains;
     // upgraded sockets are not part of axum's drain.
     if stopping.await.is_ok() {
+        app.ready.store(false, Ordering::Release);
+        // Alarms that come due from now on stay persisted and fire after
+        // the next start.
+        alarm_scheduler.abort();
         rooms.shutdown(shutdown_deadline).await;
         let closed = async {
             while open_connections.load(Ordering::Acquire) > 0 {
@@ -133,6 +174,51 @@ pub async fn serve(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.ready.load(Ordering::Acquire) {
+        return text(StatusCode::OK, "ready");
+    }
+    text(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+}
+
+async fn render_metrics(State(app): State<Arc<App>>) -> Response {
+    metrics::gauge!("partyhost_rooms").set(app.rooms.len() as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+/// One shard in the admin listing of a logical room.
+#[derive(serde::Serialize)]
+struct ShardLoad {
+    room: String,
+    running: bool,
+    connections: usize,
+}
+
+/// Lists the shards of a logical room with their connection counts (admin
+/// listener only).
+async fn list_shards(State(app): State<Arc<App>>, Path(room): Path<String>) -> Response {
+    if let Err(message) = router::validate_room_id(&room) {
+        return text(StatusCode::BAD_REQUEST, message);
+    }
+    let shards: Vec<ShardLoad> = (1..=app.config.shards_for(&room))
+        .map(|k| {
+            let id = router::shard_id(&room, k);
+            let handle = app.rooms.find(&id);
+            ShardLoad {
+                running: handle.is_some(),
+                connections: handle.map_or(0, |h| h.stats.connections.load(Ordering::Relaxed)),
+                room: id,
+            }
+        })
+        .collect();
+    let body = serde_json::json!({ "room": room, "balance": format!("{:?}", app.config.balance), "shards": shards });
+    (StatusCode::OK, axum::Json(body)).into_response()
 }
 
 /// Handles `/parties/<party>` without a room id.
@@ -159,12 +245,8 @@ async fn party(
     }
 
     if is_websocket_upgrade(request.headers()) {
-        let room_id = if party == "router" {
-            router::shard_id(room, router::pick_shard(app.config.shards))
-        } else {
-            room.to_string()
-        };
-        return connect(app, room_id, request).await;
+        let shard_of = (party == "router").then(|| room.to_string());
+        return connect(app, shard_of, room.to_string(), request).await;
     }
 
     let request = match read_request(&app, request).await {
@@ -174,7 +256,7 @@ async fn party(
     if party == "router" {
         return fan_out(&app, room, request).await;
     }
-    match app.rooms.request(room, request).await {
+    match app.rooms.request(room, request, 1).await.result {
         Ok(response) => guest_response(room, response),
         Err(err) => {
             tracing::warn!(room = %room, err = %err, "request failed");
@@ -189,7 +271,26 @@ async fn party(
 }
 
 async fn fan_out(app: &App, room: &str, request: GuestRequest) -> Response {
-    let summary = router::fan_out(&app.rooms, room, app.config.shards, request).await;
+    let key = request
+        .headers
+        .iter()
+        .find(|(name, _)| name == "idempotency-key")
+        .map(|(_, value)| value.clone());
+    if let Some(key) = &key {
+        let valid = !key.is_empty()
+            && key.len() <= router::MAX_IDEMPOTENCY_KEY_LEN
+            && key.bytes().all(|byte| byte.is_ascii_graphic() || byte == b' ');
+        if !valid {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "Idempotency-Key must be 1 to {} printable ASCII characters",
+                    router::MAX_IDEMPOTENCY_KEY_LEN
+                ),
+            );
+        }
+    }
+    let summary = app.router.fan_out(&app.rooms, room, request, key).await;
     let status = if summary.failed.is_empty() {
         StatusCode::OK
     } else {
@@ -199,13 +300,18 @@ async fn fan_out(app: &App, room: &str, request: GuestRequest) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Accepts a WebSocket for room `room_id` and hands it to the room.
-async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
+/// Accepts a WebSocket for room `room`, or for a shard of logical room
+/// `shard_of`, and hands it to the room.
+async fn connect(app: Arc<App>, shard_of: Option<String>, room: String, request: Request) -> Response {
     let (mut parts, _body) = request.into_parts();
     let url = original_url(&parts.uri);
     let conn_id = match connection_id(parts.uri.query()) {
         Ok(id) => id,
         Err(message) => return text(StatusCode::BAD_REQUEST, message),
+    };
+    let room_id = match shard_of {
+        Some(logical) => router::shard_id(&logical, app.rooms.pick_shard(&logical, &conn_id)),
+        None => room,
     };
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
         Ok(upgrade) => upgrade,
@@ -215,6 +321,7 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
         }
     };
     if app.handshakes.check().is_err() {
+        crate::metrics::rejected_connection("connect_rate");
         tracing::debug!(room = %room_id, "handshake rejected: over --connect-rate");
         return unavailable_text(format!(
             "too many connection attempts: the server admits {} per second (--connect-rate); retry",
@@ -223,6 +330,7 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
     }
     let max_connections = app.config.limits.max_connections;
     let Some(permit) = ConnectionPermit::acquire(&app.connections, max_connections) else {
+        crate::metrics::rejected_connection("max_connections");
         tracing::warn!(room = %room_id, max_connections, "handshake rejected: server at --max-connections");
         return unavailable_text(format!(
             "the server has its maximum of {max_connections} connections open (--max-connections)"
@@ -231,6 +339,7 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
     let room = match app.rooms.get(&room_id) {
         Ok(room) => room,
         Err(err @ RoomsError::Full(_)) => {
+            crate::metrics::rejected_connection("max_rooms");
             // The room pool is full: the client gets the WebSocket close code
             // for "try again later", which reconnecting clients act on.
             tracing::warn!(room = %room_id, err = %err, "connection rejected");
@@ -243,6 +352,7 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
     };
     let per_room = app.config.limits.max_connections_per_room;
     if room.stats.connections.load(Ordering::Relaxed) >= per_room {
+        crate::metrics::rejected_connection("max_connections_per_room");
         tracing::warn!(room = %room_id, max = per_room, "handshake rejected: room at --max-connections-per-room");
         return unavailable_text(format!(
             "room `{room_id}` has its maximum of {per_room} connections open (--max-connections-per-room)"
@@ -268,11 +378,17 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
         request: guest_request,
         reply,
     };
+    room.stats.joining.fetch_add(1, Ordering::Relaxed);
     if !room.notify(event).await {
+        room.stats.joining.fetch_sub(1, Ordering::Relaxed);
         return unavailable(&RoomsError::ShuttingDown);
     }
-    let Ok(outcome) = accepted.await else {
-        return unavailable(&RoomsError::ShuttingDown);
+    let outcome = match accepted.await {
+        Ok(ConnectOutcome::Accepted) => Ok(()),
+        Ok(ConnectOutcome::Rejected(rejection)) => Err(rejection),
+        // on-before-connect's answer replaces the upgrade.
+        Ok(ConnectOutcome::Refused(response)) => return guest_response(&room_id, response),
+        Err(_) => return unavailable(&RoomsError::ShuttingDown),
     };
 
     let failed_room = room.clone();
@@ -280,6 +396,9 @@ async fn connect(app: Arc<App>, room_id: String, request: Request) -> Response {
     upgrade
         .max_message_size(limits.max_message_bytes)
         .max_frame_size(limits.max_message_bytes)
+        // tungstenite reserves its read buffer up front, 128 KiB by
+        // default, which would dominate the memory of an idle socket.
+        .read_buffer_size(SOCKET_READ_BUFFER)
         .on_failed_upgrade(move |err| {
             tracing::warn!(room = %failed_room.id, conn = %failed_handle.id, err = %err, "WebSocket upgrade failed");
             tokio::spawn(async move {
@@ -349,10 +468,13 @@ async fn read_request(app: &App, request: Request) -> Result<GuestRequest, Respo
             return Err(text(StatusCode::BAD_REQUEST, format!("failed to read the request body: {err}")));
         }
     };
+    // Headers named x-partyhost-* come from the host only.
+    let mut headers = guest_headers(&parts.headers);
+    headers.retain(|(name, _)| !name.starts_with("x-partyhost-"));
     Ok(GuestRequest {
         method: parts.method.to_string(),
         url: original_url(&parts.uri),
-        headers: guest_headers(&parts.headers),
+        headers,
         body: body.to_vec(),
     })
 }

@@ -36,6 +36,9 @@ pub struct Server {
     pub addr: SocketAddr,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The `--data-dir` of a test that chose none, removed when the server
+    /// is dropped.
+    _data_dir: tempfile::TempDir,
 }
 
 impl Server {
@@ -57,8 +60,13 @@ impl Server {
     /// Starts the server; returns its exit status and log if it exits
     /// before it listens.
     pub fn try_start(args: &[&str]) -> Result<Server, (Option<ExitStatus>, Vec<String>)> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_partyhost"))
-            .args(["--listen", "127.0.0.1:0"])
+        let data_dir = tempfile::tempdir().expect("failed to create a temporary data directory");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_partyhost"));
+        command.args(["--listen", "127.0.0.1:0"]);
+        if !args.contains(&"--data-dir") {
+            command.arg("--data-dir").arg(data_dir.path());
+        }
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -74,9 +82,8 @@ impl Server {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = addr_tx.send(addr.parse::<SocketAddr>().ok());
+                if let Some(addr) = address_after(&line, "partyhost listening on http://") {
+                    let _ = addr_tx.send(Some(addr));
                 }
                 collected.lock().unwrap().push(line);
             }
@@ -85,7 +92,7 @@ impl Server {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(addr)) = addr_rx.recv_timeout(Duration::from_millis(20)) {
-                return Ok(Server { addr, child, logs });
+                return Ok(Server { addr, child, logs, _data_dir: data_dir });
             }
             if let Ok(Some(status)) = child.try_wait() {
                 // Let the reader thread drain what the process printed.
@@ -98,6 +105,12 @@ impl Server {
                 return Err((None, logs.lock().unwrap().clone()));
             }
         }
+    }
+
+    /// Address of the admin listener, from its start-up log line.
+    pub async fn admin_addr(&self) -> SocketAddr {
+        let line = self.wait_for_log(&["admin listening on http://"]).await;
+        address_after(&line, "admin listening on http://").expect("the admin log line names its address")
     }
 
     pub fn http(&self, path: &str) -> String {
@@ -148,11 +161,24 @@ impl Drop for Server {
     }
 }
 
+/// Parses the socket address that follows `marker` in a log line, in text
+/// or JSON format.
+fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = line.split(marker).nth(1)?;
+    let addr: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+    addr.parse().ok()
+}
+
 /// Runs the binary with `args` to completion; returns its exit status and
 /// stderr.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_partyhost"))
-        .args(["--listen", "127.0.0.1:0"])
+    let data_dir = tempfile::tempdir().expect("failed to create a temporary data directory");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_partyhost"));
+    command.args(["--listen", "127.0.0.1:0"]);
+    if !args.contains(&"--data-dir") {
+        command.arg("--data-dir").arg(data_dir.path());
+    }
+    let output = command
         .args(args)
         .stdin(Stdio::null())
         .output()

@@ -12,13 +12,33 @@
 //! - `spin <ms>`: keeps the CPU busy for `ms` milliseconds, then answers;
 //! - `count`: answers how many calls this instance has served, which shows
 //!   whether the host restarted it;
-//! - `connections`: answers how many connections the room has open.
+//! - `connections`: answers how many connections the room has open;
+//! - `store <key bytes> <value bytes>`: puts a value of that size under a
+//!   key of that length, and answers `stored` or the host's error;
+//! - `list <limit>`: lists storage with that limit, and answers the number
+//!   of entries or the host's error;
+//! - `batch <n>`: commits a batch of `n` deletes, and answers `committed`
+//!   or the host's error;
+//! - `flaky <room> <text>` (HTTP only): the room with id `<room>` panics on
+//!   the first attempt of a router request; every other call broadcasts
+//!   `<text>` and answers `relayed`.
 //!
-//! `on-close` logs `on-close <connection id>`, so tests can see it ran.
+//! Over a WebSocket, two more commands act on the sender:
+//! - `set-state <bytes>`: stores a state of that many bytes (`s` repeated)
+//!   and answers `state set` or the host's error;
+//! - `set-state-text <text>`: stores `<text>` as the state.
+//!
+//! A WebSocket that passes `?tags=a,b,c` gets those tags.
+//!
+//! `on-start` logs `on-start <connection id> state=<state>` for each open
+//! connection, `on-close` logs `on-close <connection id> <code> <reason>`
+//! and `on-error` logs `on-error <connection id>: <error>`, so tests can see
+//! that they ran and with what.
 //!
 //! A room whose id starts with `crash-on-start` panics in `on-start`, every
 //! time.
 
+use partyhost_sdk::storage::{self, Batch, ListOptions};
 use partyhost_sdk::{export_room, Connection, LogLevel, Message, Request, Response, Room};
 
 struct Faulty {
@@ -53,8 +73,42 @@ impl Faulty {
             }
             "count" => self.calls.to_string(),
             "connections" => partyhost_sdk::connections().len().to_string(),
+            "store" => {
+                let (key_len, value_len) = argument.split_once(' ').unwrap_or((argument, "0"));
+                let key = "k".repeat(key_len.parse().unwrap_or(0));
+                let value = vec![b'v'; value_len.parse().unwrap_or(0)];
+                match storage::put(&key, value) {
+                    Ok(()) => "stored".into(),
+                    Err(err) => format!("error: {err}"),
+                }
+            }
+            "list" => {
+                let options = ListOptions {
+                    limit: argument.parse().ok(),
+                    ..ListOptions::default()
+                };
+                match storage::list(options) {
+                    Ok(entries) => format!("listed {}", entries.len()),
+                    Err(err) => format!("error: {err}"),
+                }
+            }
+            "batch" => {
+                let count: usize = argument.parse().unwrap_or(0);
+                let batch = (0..count).fold(Batch::new(), |batch, i| batch.delete(&format!("key-{i}")));
+                match batch.commit() {
+                    Ok(()) => "committed".into(),
+                    Err(err) => format!("error: {err}"),
+                }
+            }
             other => format!("unknown command `{other}`"),
         }
+    }
+}
+
+fn set_state(connection: &Connection, state: Vec<u8>) -> String {
+    match connection.set_state(state) {
+        Ok(()) => "state set".into(),
+        Err(err) => format!("error: {err}"),
     }
 }
 
@@ -90,17 +144,51 @@ impl Room for Faulty {
         Faulty { calls: 0 }
     }
 
+    fn on_start(&mut self) {
+        for connection in partyhost_sdk::connections() {
+            let state = connection.state().map(|state| String::from_utf8_lossy(&state).into_owned());
+            let line = format!("on-start {} state={}", connection.id(), state.unwrap_or_default());
+            partyhost_sdk::log(LogLevel::Info, &line);
+        }
+    }
+
+    fn connection_tags(&mut self, _connection: &Connection, request: &Request) -> Vec<String> {
+        let tags = request.query("tags").unwrap_or_default();
+        tags.split(',').filter(|tag| !tag.is_empty()).map(str::to_string).collect()
+    }
+
     fn on_message(&mut self, sender: &Connection, message: Message) {
-        let reply = self.run(message.as_text().unwrap_or(""));
+        let command = message.as_text().unwrap_or("");
+        let reply = if let Some(text) = command.strip_prefix("set-state-text ") {
+            set_state(sender, text.as_bytes().to_vec())
+        } else if let Some(size) = command.strip_prefix("set-state ") {
+            set_state(sender, vec![b's'; size.parse().unwrap_or(0)])
+        } else {
+            self.run(command)
+        };
         sender.send(reply);
     }
 
-    fn on_close(&mut self, connection: &Connection) {
-        partyhost_sdk::log(LogLevel::Info, &format!("on-close {}", connection.id()));
+    fn on_close(&mut self, connection: &Connection, code: u16, reason: &str) {
+        partyhost_sdk::log(LogLevel::Info, &format!("on-close {} {code} {reason}", connection.id()));
+    }
+
+    fn on_error(&mut self, connection: &Connection, error: &str) {
+        partyhost_sdk::log(LogLevel::Info, &format!("on-error {}: {error}", connection.id()));
     }
 
     fn on_request(&mut self, request: Request) -> Response {
-        let reply = self.run(request.text().unwrap_or(""));
+        let command = request.text().unwrap_or("");
+        if let Some(argument) = command.strip_prefix("flaky ") {
+            let (target, text) = argument.split_once(' ').unwrap_or((argument, ""));
+            let first_attempt = request.header("x-partyhost-attempt") == Some("1");
+            if first_attempt && partyhost_sdk::room_id() == target {
+                panic!("the faulty room fails the first attempt on command");
+            }
+            partyhost_sdk::broadcast(text);
+            return Response::text(200, "relayed");
+        }
+        let reply = self.run(command);
         Response::text(200, reply)
     }
 }
