@@ -50,7 +50,7 @@
 //!
 //! [`Room::on_before_connect`] and [`Room::on_before_request`] run before
 //! the room accepts a socket or handles a request, to check a token, and
-//! [`env`] reads the variables the operator passed with `--var` and
+//! [`env()`] reads the variables the operator passed with `--var` and
 //! `--env-file`.
 
 mod error;
