@@ -106,7 +106,7 @@ async fn connection_limits_answer_503_before_upgrade() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_is_closed_without_delaying_others() {
-    let server = Server::with_example("faulty", &["--max-outbound-bytes", "262144"]);
+    let server = Server::with_example("faulty", &["--max-outbound-bytes", "1048576"]);
     let mut slow = RawSocket::connect(server.addr, "/parties/main/stream?_pk=slow").expect("handshake");
     let readers: Vec<_> = futures_util::future::join_all(
         (0..3).map(|i| connect_owned(server.ws(&format!("/parties/main/stream?_pk=reader-{i}")))),
@@ -116,12 +116,13 @@ async fn slow_consumer_is_closed_without_delaying_others() {
     .map(drain)
     .collect();
 
-    // A stream of 400 bursts of 50 broadcasts of 1 KiB: 20 MB, far more
-    // than the kernel buffers of a socket that nobody reads plus its
-    // 256 KiB queue, while each burst fits the queue of a client that reads.
-    for _ in 0..400 {
-        let (status, body) = request("POST", &server.http("/parties/main/stream"), "flood 50").await;
-        assert_eq!((status, body.as_str()), (200, "flooded 50"));
+    // A stream of 1000 bursts of 20 broadcasts of 1 KiB: 20 MB, far more
+    // than the kernel buffers of a socket that nobody reads plus its 1 MiB
+    // queue, while a reader falls behind by a whole queue only if it misses
+    // 50 bursts in a row.
+    for _ in 0..1000 {
+        let (status, body) = request("POST", &server.http("/parties/main/stream"), "flood 20").await;
+        assert_eq!((status, body.as_str()), (200, "flooded 20"));
     }
 
     server.wait_for_log(&["closing slow consumer", "room=stream", "conn=slow"]).await;

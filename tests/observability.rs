@@ -104,14 +104,16 @@ async fn health_and_readiness() {
 #[tokio::test]
 async fn json_logs_carry_room_and_conn_fields() {
     let server = Server::with_example("faulty", &["--log-format", "json"]);
-    let mut socket = connect(&server.ws("/parties/main/logged?_pk=writer")).await;
+    // The first client of a routed room lands on shard 1.
+    let mut socket = connect(&server.ws("/parties/router/logged?_pk=writer")).await;
     send_text(&mut socket, "panic").await;
     recv_close(&mut socket).await;
 
     let line = server.wait_for_log(&["guest trapped"]).await;
     let event = json(&line);
     assert_eq!(event["level"], "ERROR", "{line}");
-    assert_eq!(event["fields"]["room"], "logged", "{line}");
+    assert_eq!(event["fields"]["room"], "logged-1", "{line}");
+    assert_eq!(event["fields"]["shard"], 1, "{line}");
     assert_eq!(event["fields"]["conn"], "writer", "{line}");
     assert_eq!(event["fields"]["export"], "on-message", "{line}");
 }

@@ -238,4 +238,5 @@ async fn invalid_var_fails_start() {
     let (status, stderr) = run_to_exit(&["--var", "no-equals-sign"]);
     assert!(!status.success(), "a --var without `=` is rejected");
     assert!(stderr.contains("expected KEY=VALUE"), "{stderr}");
+    assert!(!stderr.contains("no-equals-sign"), "the value, maybe a secret, is not repeated: {stderr}");
 }

@@ -72,8 +72,10 @@ pub struct Config {
     /// Variable every room can read with `env("KEY")`, as `KEY=VALUE`.
     /// Repeatable; overrides the same key in `--env-file`. Values are never
     /// logged.
+    // Parsed after clap, because clap repeats an invalid value in its
+    // error, and the value may be a secret.
     #[arg(long = "var", value_name = "KEY=VALUE")]
-    pub vars: Vec<crate::env::Var>,
+    pub vars: Vec<String>,
 
     /// File of `KEY=VALUE` lines (dotenv format: `#` comments, optional
     /// `export ` and quotes) that rooms read with `env("KEY")`.

@@ -147,7 +147,7 @@ impl ConnectionHandle {
             return false;
         }
         if queue.bytes + size > self.shared.max_bytes {
-            tracing::warn!(room = %self.shared.room, conn = %self.id, queued_bytes = queue.bytes,
+            tracing::warn!(room = %self.shared.room, shard = crate::router::shard_number(&self.shared.room), conn = %self.id, queued_bytes = queue.bytes,
                 max_bytes = self.shared.max_bytes, "closing slow consumer: outbound queue full");
             metrics::counter!("partyhost_slow_consumer_disconnects_total", &crate::metrics::room_labels(&self.shared.room))
                 .increment(1);
@@ -290,7 +290,7 @@ async fn read_loop(
 
         let message = match next {
             Err(_elapsed) if pinged => {
-                tracing::info!(room = %handle.shared.room, conn = %handle.id, "closing silent connection: no pong");
+                tracing::info!(room = %handle.shared.room, shard = crate::router::shard_number(&handle.shared.room), conn = %handle.id, "closing silent connection: no pong");
                 return (close_code::ABNORMAL, "no answer to ping".into());
             }
             Err(_elapsed) => {
@@ -339,11 +339,11 @@ fn read_error_close(handle: &ConnectionHandle, err: axum::Error) -> (u16, String
         Some(Error::Utf8(_)) => (close_code::INVALID_PAYLOAD, "text message is not valid UTF-8"),
         Some(Error::Protocol(_)) => (close_code::PROTOCOL_ERROR, "WebSocket protocol error"),
         _ => {
-            tracing::debug!(room = %handle.shared.room, conn = %handle.id, err = %err, "socket read failed");
+            tracing::debug!(room = %handle.shared.room, shard = crate::router::shard_number(&handle.shared.room), conn = %handle.id, err = %err, "socket read failed");
             return (close_code::ABNORMAL, "connection lost".into());
         }
     };
-    tracing::info!(room = %handle.shared.room, conn = %handle.id, code, err = %err, "closing connection: {reason}");
+    tracing::info!(room = %handle.shared.room, shard = crate::router::shard_number(&handle.shared.room), conn = %handle.id, code, err = %err, "closing connection: {reason}");
     (code, reason.to_string())
 }
 

@@ -79,7 +79,7 @@ impl std::fmt::Debug for Environment {
 
 impl Environment {
     /// Builds the environment from an optional env file, then `vars` on top.
-    pub fn load(env_file: Option<&Path>, vars: &[Var]) -> anyhow::Result<Environment> {
+    pub fn load(env_file: Option<&Path>, vars: &[String]) -> anyhow::Result<Environment> {
         let mut environment = Environment::default();
         if let Some(path) = env_file {
             let size = std::fs::metadata(path)
@@ -97,8 +97,9 @@ impl Environment {
                 .parse_file(&text)
                 .with_context(|| format!("env file `{}` is invalid", path.display()))?;
         }
-        for var in vars {
-            environment.vars.insert(var.key.clone(), var.value.clone());
+        for text in vars {
+            let var: Var = text.parse().map_err(|err| anyhow::anyhow!("--var is invalid: {err}"))?;
+            environment.vars.insert(var.key, var.value);
         }
         Ok(environment)
     }
@@ -156,7 +157,7 @@ mod tests {
     #[test]
     fn env_debug_hides_values() {
         let var: Var = "SECRET=hunter2".parse().unwrap();
-        let environment = Environment::load(None, std::slice::from_ref(&var)).unwrap();
+        let environment = Environment::load(None, &["SECRET=hunter2".to_string()]).unwrap();
         assert!(!format!("{var:?}").contains("hunter2"), "Var's Debug hides the value");
         assert!(!format!("{environment:?}").contains("hunter2"), "Environment's Debug hides values");
         assert!(format!("{environment:?}").contains("SECRET"), "Environment's Debug names keys");
@@ -167,7 +168,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(".env");
         std::fs::write(&path, "# comment\n\nA=1\nexport B=\"two words\"\nC='3'\n").unwrap();
-        let environment = Environment::load(Some(&path), &["A=override".parse().unwrap()]).unwrap();
+        let environment = Environment::load(Some(&path), &["A=override".to_string()]).unwrap();
         assert_eq!(environment.get("A"), Some("override"), "--var wins over the file");
         assert_eq!(environment.get("B"), Some("two words"));
         assert_eq!(environment.get("C"), Some("3"));

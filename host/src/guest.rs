@@ -178,7 +178,7 @@ impl room::Host for RoomHost {
 
     fn close(&mut self, connection: String, code: u16, reason: String) -> bool {
         if code != 1000 && !(3000..=4999).contains(&code) {
-            tracing::warn!(room = %self.room, conn = %connection, code,
+            tracing::warn!(room = %self.room, shard = crate::router::shard_number(&self.room), conn = %connection, code,
                 "guest asked to close a connection with an invalid code: use 1000 or 3000-4999");
             return false;
         }
@@ -193,7 +193,7 @@ impl room::Host for RoomHost {
         match self.publishes.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::warn!(room = %self.room, max = MAX_PENDING_PUBLISHES, "publish rejected: too many messages waiting");
+                tracing::warn!(room = %self.room, shard = crate::router::shard_number(&self.room), max = MAX_PENDING_PUBLISHES, "publish rejected: too many messages waiting");
                 Err(format!(
                     "{MAX_PENDING_PUBLISHES} published messages are still waiting for delivery; publish less often"
                 ))
@@ -358,9 +358,9 @@ impl LineLogger {
         let text = String::from_utf8_lossy(&self.line);
         let text = text.trim_end();
         if self.stream == "stderr" {
-            tracing::warn!(target: "guest", room = %self.room, stream = self.stream, "{text}");
+            tracing::warn!(target: "guest", room = %self.room, shard = crate::router::shard_number(&self.room), stream = self.stream, "{text}");
         } else {
-            tracing::info!(target: "guest", room = %self.room, stream = self.stream, "{text}");
+            tracing::info!(target: "guest", room = %self.room, shard = crate::router::shard_number(&self.room), stream = self.stream, "{text}");
         }
         self.line.clear();
     }

@@ -341,14 +341,14 @@ impl RoomActor {
                 }
                 self.host_mut().connections.shift_remove(&*conn);
                 self.stats.connections.fetch_sub(1, Ordering::Relaxed);
-                tracing::debug!(room = %self.id, conn = %conn, code, reason, "connection closed");
+                tracing::debug!(room = %self.id, shard = crate::router::shard_number(&self.id), conn = %conn, code, reason, "connection closed");
                 let _ = self.call(Call::Close(conn, code, reason)).await;
             }
             RoomEvent::Error { conn, serial, error } => {
                 if !self.is_current(&conn, serial) {
                     return;
                 }
-                tracing::debug!(room = %self.id, conn = %conn, error, "socket failed");
+                tracing::debug!(room = %self.id, shard = crate::router::shard_number(&self.id), conn = %conn, error, "socket failed");
                 let _ = self.call(Call::Error(conn, error)).await;
             }
             RoomEvent::Alarm => self.alarm().await,
@@ -393,7 +393,7 @@ impl RoomActor {
             if let Some(at) = self.restart_at {
                 tokio::time::sleep_until(at).await;
             }
-            tracing::info!(room = %self.id, attempt, "retrying request after a failed call");
+            tracing::info!(room = %self.id, shard = crate::router::shard_number(&self.id), attempt, "retrying request after a failed call");
         }
     }
 
@@ -409,7 +409,7 @@ impl RoomActor {
                 Ok(request)
             }
             Ok(GuestAdmission::Reject(response)) => {
-                tracing::debug!(room = %self.id, status = response.status, "on-before-request rejected a request");
+                tracing::debug!(room = %self.id, shard = crate::router::shard_number(&self.id), status = response.status, "on-before-request rejected a request");
                 Err(Ok(response))
             }
             Err(failure) => Err(Err(RequestError::Call(failure))),
@@ -426,7 +426,7 @@ impl RoomActor {
         match self.call(Call::BeforeConnect(request.clone())).await.map(Output::into_admission) {
             Ok(GuestAdmission::Allow(headers)) => add_headers(&mut request, headers),
             Ok(GuestAdmission::Reject(response)) => {
-                tracing::info!(room = %self.id, conn = %conn, status = response.status,
+                tracing::info!(room = %self.id, shard = crate::router::shard_number(&self.id), conn = %conn, status = response.status,
                     "on-before-connect rejected a connection");
                 let _ = reply.send(ConnectOutcome::Refused(response));
                 return;
@@ -451,7 +451,7 @@ impl RoomActor {
         let tags = match result.map(|output| crate::guest::check_tags(output.into_tags())) {
             Ok(Ok(tags)) => tags,
             Ok(Err(message)) => {
-                tracing::warn!(room = %self.id, conn = %conn, "connection rejected: {message}");
+                tracing::warn!(room = %self.id, shard = crate::router::shard_number(&self.id), conn = %conn, "connection rejected: {message}");
                 self.remove_joining(&conn, handle.serial);
                 let rejection = Rejection {
                     code: close_code::INTERNAL_ERROR,
@@ -491,18 +491,18 @@ impl RoomActor {
             // time is in the schedule.
             Ok(_) => return,
             Err(err) => {
-                tracing::error!(room = %self.id, err = %err, "failed to read the alarm: trying again");
+                tracing::error!(room = %self.id, shard = crate::router::shard_number(&self.id), err = %err, "failed to read the alarm: trying again");
                 services.alarms.schedule(&self.id, retry_at);
                 return;
             }
         };
-        tracing::info!(room = %self.id, late_ms = now - due, "alarm fired");
+        tracing::info!(room = %self.id, shard = crate::router::shard_number(&self.id), late_ms = now - due, "alarm fired");
 
         self.host_mut().alarm_changed = false;
         match self.call(Call::Alarm).await {
             Ok(_) => {}
             Err(CallFailure::Unavailable(reason)) => {
-                tracing::warn!(room = %self.id, reason, "alarm could not run: trying again");
+                tracing::warn!(room = %self.id, shard = crate::router::shard_number(&self.id), reason, "alarm could not run: trying again");
                 services.alarms.schedule(&self.id, retry_at);
                 return;
             }
@@ -514,7 +514,7 @@ impl RoomActor {
             return;
         }
         if let Err(err) = services.storage.delete_alarm(&self.id) {
-            tracing::error!(room = %self.id, err = %err, "failed to delete the alarm that fired");
+            tracing::error!(room = %self.id, shard = crate::router::shard_number(&self.id), err = %err, "failed to delete the alarm that fired");
         }
     }
 
@@ -578,7 +578,7 @@ impl RoomActor {
                 self.host().metrics.trap(export);
                 let reason = self.trap_reason(&err);
                 let conn = call.connection().map(tracing::field::display);
-                tracing::error!(room = %self.id, export, conn, reason, "guest trapped");
+                tracing::error!(room = %self.id, shard = crate::router::shard_number(&self.id), export, conn, reason, "guest trapped");
                 self.stats.traps.fetch_add(1, Ordering::Relaxed);
                 self.drop_instance(Instant::now());
                 Err(CallFailure::Trap(reason))
@@ -605,7 +605,7 @@ impl RoomActor {
             Err(err) if runtime::is_pool_exhausted(&err) => {
                 self.host = Some(store.into_data());
                 self.restart_at = None;
-                tracing::warn!(room = %self.id, err = %err, "instance pool is full: raise --max-rooms");
+                tracing::warn!(room = %self.id, shard = crate::router::shard_number(&self.id), err = %err, "instance pool is full: raise --max-rooms");
                 return Err(CallFailure::Unavailable("instance pool is full".into()));
             }
             Err(err) => {
@@ -623,7 +623,7 @@ impl RoomActor {
         if self.started_once {
             self.stats.restarts.fetch_add(1, Ordering::Relaxed);
             store.data().metrics.restarts.increment(1);
-            tracing::info!(room = %self.id, "instance restarted");
+            tracing::info!(room = %self.id, shard = crate::router::shard_number(&self.id), "instance restarted");
         }
         self.started_once = true;
         self.instance = Some(Instance { store, party });
@@ -634,7 +634,7 @@ impl RoomActor {
 
     fn start_failed(&mut self, store: Store<RoomHost>, export: &'static str, reason: String) -> CallFailure {
         store.data().metrics.trap(export);
-        tracing::error!(room = %self.id, export, reason, retry_in_ms = self.backoff.as_millis() as u64,
+        tracing::error!(room = %self.id, shard = crate::router::shard_number(&self.id), export, reason, retry_in_ms = self.backoff.as_millis() as u64,
             "guest trapped while starting");
         self.stats.traps.fetch_add(1, Ordering::Relaxed);
         self.host = Some(store.into_data());
@@ -689,7 +689,7 @@ impl RoomActor {
         while let Ok(event) = mailbox.try_recv() {
             late.push(event);
         }
-        tracing::debug!(room = %self.id, late_events = late.len(), "room idle: stopping its instance");
+        tracing::debug!(room = %self.id, shard = crate::router::shard_number(&self.id), late_events = late.len(), "room idle: stopping its instance");
         self.host().metrics.connections.set(0.0);
         self.instance = None;
         if late.is_empty() {

@@ -25,7 +25,7 @@ use crate::registry::{RequestError, Rooms};
 use crate::room::RoomEvent;
 use crate::runtime::{GuestMessage, GuestRequest};
 
-/// Longest room id, in bytes.
+/// Maximum length of a room id, in bytes.
 pub const MAX_ROOM_ID_LEN: usize = 128;
 
 /// Header that carries a fanned-out request's id to each shard.
@@ -35,7 +35,7 @@ pub const REQUEST_ID_HEADER: &str = "x-partyhost-request-id";
 /// is, starting at 1.
 pub const ATTEMPT_HEADER: &str = "x-partyhost-attempt";
 
-/// Longest `Idempotency-Key`, in bytes.
+/// Maximum length of an `Idempotency-Key`, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
 /// Keys the idempotency cache remembers at once. Past it, requests run
@@ -80,6 +80,12 @@ pub fn split_shard_id(id: &str) -> Option<(&str, u32)> {
     }
     let k: u32 = suffix.parse().ok()?;
     Some((room, k))
+}
+
+/// Shard number of a room id, for the `shard` field of log lines; `None`
+/// for a room that is not a shard.
+pub fn shard_number(id: &str) -> Option<u32> {
+    split_shard_id(id).map(|(_, k)| k)
 }
 
 fn fnv_hash(value: &str) -> u64 {

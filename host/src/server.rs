@@ -44,14 +44,14 @@ use crate::registry::{Rooms, RoomsError};
 use crate::router;
 use crate::runtime::{GuestRequest, GuestResponse, Runtime};
 
-/// Longest connection id (`_pk`), in bytes.
+/// Maximum length of a connection id (`_pk`), in bytes.
 pub const MAX_CONNECTION_ID_LEN: usize = 256;
 
 /// Bytes each socket reads at once.
 const SOCKET_READ_BUFFER: usize = 4096;
 
-/// Seconds a client is told to wait in `Retry-After` when the server is at a
-/// limit.
+/// Seconds a client should wait before it retries, sent in `Retry-After`
+/// when the server is at a limit.
 const RETRY_AFTER_SECS: &str = "1";
 
 struct App {
