@@ -101,3 +101,26 @@ async fn router_fan_out_reports_failed_shards() {
     let (status, body) = request("POST", &server.http("/parties/router/broken"), "echo fine").await;
     assert_eq!(status, 200, "after the traps every shard serves again: {body}");
 }
+
+#[tokio::test]
+async fn native_default_room_behaves_like_wasm() {
+    let server = Server::start(&["--native-default-room", "--shards", "2"]);
+    let mut sockets = Vec::new();
+    for i in 0..2 {
+        let mut socket = connect(&server.ws(&format!("/parties/router/twin?_pk=c{i}"))).await;
+        assert_eq!(recv_text(&mut socket).await, format!("connected to twin-{}", i + 1));
+        sockets.push(socket);
+    }
+
+    let (status, body) = request("POST", &server.http("/parties/router/twin"), "same").await;
+    assert_eq!(status, 200, "{body}");
+    for (i, socket) in sockets.iter_mut().enumerate() {
+        assert_eq!(recv_text(socket).await, format!("received same (via room twin-{})", i + 1));
+    }
+    let (status, body) = request("GET", &server.http("/parties/main/twin-9"), "").await;
+    assert_eq!((status, body.as_str()), (200, "OK"));
+
+    let (status, stderr) = run_to_exit(&["--native-default-room", "--module", "room.wasm"]);
+    assert_eq!(status.code(), Some(2), "clap rejects the combination: {stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}

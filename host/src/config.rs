@@ -59,6 +59,12 @@ pub struct Config {
     #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Runs the default room as native Rust code instead of WebAssembly.
+    /// For benchmarks that measure what the WebAssembly layer costs; it
+    /// cannot be combined with `--module`.
+    #[arg(long, conflicts_with = "module")]
+    pub native_default_room: bool,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

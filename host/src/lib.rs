@@ -23,6 +23,7 @@ pub mod connection;
 pub mod env;
 pub mod guest;
 pub mod metrics;
+pub mod native;
 pub mod registry;
 pub mod room;
 pub mod router;

@@ -23,6 +23,7 @@ use wasmtime::Store;
 
 use crate::connection::{close_code, ConnectionHandle};
 use crate::guest::RoomHost;
+use crate::native;
 use crate::registry::{Answered, RequestError, Rooms};
 use crate::router::ATTEMPT_HEADER;
 use crate::alarm;
@@ -293,14 +294,15 @@ impl RoomActor {
     async fn run(mut self, mut mailbox: mpsc::Receiver<RoomEvent>) {
         let idle_timeout = self.runtime.limits().room_idle_timeout();
         loop {
-            if self.instance.is_none() && self.restart_at.is_some_and(|at| at <= Instant::now()) {
+            let native = self.rooms.config.native_default_room;
+            if !native && self.instance.is_none() && self.restart_at.is_some_and(|at| at <= Instant::now()) {
                 // Failures are logged and counted inside; events meanwhile
                 // are answered "unavailable" until the backoff ends.
                 let _ = self.start_instance().await;
             }
 
             let idle = self.host().connections.is_empty();
-            let restart_at = self.restart_at.filter(|_| self.instance.is_none());
+            let restart_at = self.restart_at.filter(|_| !native && self.instance.is_none());
             let event = tokio::select! {
                 event = mailbox.recv() => event,
                 _ = tokio::time::sleep(idle_timeout), if idle => {
@@ -535,6 +537,9 @@ impl RoomActor {
     /// Calls an export, starting an instance first if none runs. A trap
     /// drops the instance and schedules a restart.
     async fn call(&mut self, call: Call) -> Result<Output, CallFailure> {
+        if self.rooms.config.native_default_room {
+            return Ok(self.call_native(&call));
+        }
         if self.instance.is_none() {
             self.start_instance().await?;
         }
@@ -584,6 +589,27 @@ impl RoomActor {
                 Err(CallFailure::Trap(reason))
             }
         }
+    }
+
+    /// Runs a call on the native twin of the default room.
+    fn call_native(&mut self, call: &Call) -> Output {
+        let started = Instant::now();
+        let host = self.host_mut();
+        let output = match call {
+            Call::BeforeConnect(_) | Call::BeforeRequest(_) => Output::Admission(native::admit()),
+            Call::Connect(conn, _) => {
+                native::on_connect(host, conn);
+                Output::Tags(Vec::new())
+            }
+            Call::Request(request) => Output::Response(native::on_request(host, request)),
+            Call::Publish(_, message) => {
+                native::on_publish(host, message);
+                Output::Done
+            }
+            Call::Message(..) | Call::Close(..) | Call::Error(..) | Call::Alarm => Output::Done,
+        };
+        crate::metrics::guest_call(call.export(), started.elapsed());
+        output
     }
 
     /// Starts an instance and runs `on-start`, unless a backoff is pending.
