@@ -54,7 +54,7 @@ static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 /// A room's handle on one connection. Cloning it is cheap.
 #[derive(Clone)]
 pub struct ConnectionHandle {
-    /// The connection id the guest sees.
+    /// Connection id that the guest receives.
     pub id: Arc<str>,
     /// Unique per socket, unlike `id`, which a reconnecting client reuses.
     pub serial: u64,
@@ -178,8 +178,8 @@ impl ConnectionHandle {
         self.shared.wake.notify_one();
     }
 
-    /// The close code and reason the host chose, if it is closing the
-    /// connection.
+    /// Returns the close code and reason the host chose, if it is closing
+    /// the connection.
     fn host_close(&self) -> Option<(u16, String)> {
         let queue = self.shared.queue.lock().expect("connection queue lock");
         queue.close.as_ref().map(|frame| (frame.code, frame.reason.to_string()))

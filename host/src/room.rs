@@ -32,7 +32,7 @@ use crate::runtime::{self, GuestAdmission, GuestMessage, GuestRequest, GuestResp
 /// First wait before restarting an instance that trapped in `on-start`.
 const FIRST_RESTART_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Longest wait between two restarts of an instance that keeps trapping in
+/// Maximum wait between two restarts of an instance that keeps trapping in
 /// `on-start`.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -85,7 +85,7 @@ pub struct Rejection {
     pub reason: String,
 }
 
-/// Why a guest call did not return a result.
+/// Reason a guest call returned no result.
 #[derive(Debug, Clone)]
 pub enum CallFailure {
     /// The guest trapped: a panic, a call past its deadline, memory or stack
@@ -238,7 +238,7 @@ impl Call {
     }
 }
 
-/// What an export returned.
+/// Return value of an export.
 enum Output {
     /// The export returns nothing.
     Done,

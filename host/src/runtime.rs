@@ -55,7 +55,7 @@ pub struct Runtime {
     engine: Engine,
     party: PartyPre<RoomHost>,
     limits: Limits,
-    /// Where the component came from, for logs: a path or "built-in".
+    /// Origin of the component, for logs: a path or "built-in".
     pub source: String,
     /// Time compiling and linking took.
     pub compile_time: Duration,
@@ -139,7 +139,7 @@ impl Runtime {
     }
 }
 
-/// Returns true when `err` says the instance pool has no free slot, which is
+/// Returns true when `err` shows that the instance pool has no free slot, which is
 /// a capacity problem of the host and not a fault of the room.
 pub fn is_pool_exhausted(err: &wasmtime::Error) -> bool {
     err.chain()
