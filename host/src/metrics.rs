@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Gauge};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_util::MetricKindMask;
 
 use crate::router::split_shard_id;
 
@@ -19,11 +20,18 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
+/// Time after which a series that was not updated leaves `/metrics`.
+const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Installs the process-wide recorder and returns the handle that renders
 /// it. Call once; a second call returns an error.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
+    // Room names come from clients, so series of rooms that come and go
+    // would pile up forever; a series not updated for SERIES_IDLE_TIMEOUT
+    // is dropped, and comes back with its next update.
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .idle_timeout(MetricKindMask::ALL, Some(SERIES_IDLE_TIMEOUT))
         .install_recorder()?;
     describe();
 
