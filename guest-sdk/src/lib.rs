@@ -198,8 +198,8 @@ impl Connection {
     }
 
     /// Closes the connection with a close code (1000, or 3000 to 4999) and a
-    /// reason of at most 123 bytes. Returns false when the connection is no
-    /// longer open.
+    /// reason of at most 123 bytes. Returns false, and closes nothing, when
+    /// the connection is no longer open or the code is not one of those.
     pub fn close(&self, code: u16, reason: &str) -> bool {
         host::close(&self.id, code, reason)
     }

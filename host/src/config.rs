@@ -115,8 +115,9 @@ pub struct Limits {
     #[arg(long, default_value_t = 20_000, value_name = "ELEMENTS")]
     pub table_elements: usize,
 
-    /// Room instances that may run at once. Each holds one slot of the
-    /// instance pool; a request for a room past it is answered 503.
+    /// Room instances that may run at once. Each takes one slot of the
+    /// instance pool; an HTTP request for a room past it is answered 503,
+    /// and a WebSocket is closed with 1013 (try again later).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_rooms: u32,
 
@@ -144,6 +145,18 @@ pub struct Limits {
     /// answered 503 with `Retry-After`.
     #[arg(long, default_value_t = 10_000, value_name = "CONNECTIONS")]
     pub max_connections: usize,
+
+    /// HTTP connections served at once, WebSockets not counted once
+    /// upgraded. Past it, the server stops accepting until one ends.
+    #[arg(long, default_value_t = 1024, value_name = "CONNECTIONS",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_http_connections: u64,
+
+    /// Seconds a client has to send the headers of a request, which also
+    /// closes a keep-alive connection that stays silent that long.
+    #[arg(long = "header-timeout", default_value_t = 10, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout_secs: u64,
 
     /// Open WebSockets one room accepts. A handshake past it is answered 503
     /// with `Retry-After`.
@@ -201,6 +214,10 @@ impl Limits {
 
     pub fn memory_limit_bytes(&self) -> usize {
         (self.memory_limit_mib as usize) << 20
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_secs(self.header_timeout_secs)
     }
 
     pub fn ping_interval(&self) -> Duration {

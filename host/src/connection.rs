@@ -146,7 +146,9 @@ impl ConnectionHandle {
         if queue.close.is_some() {
             return false;
         }
-        if queue.bytes + size > self.shared.max_bytes {
+        // One frame larger than the bound still goes to a client whose queue
+        // is empty: it is slow only if more piles up behind it.
+        if queue.bytes > 0 && queue.bytes + size > self.shared.max_bytes {
             tracing::warn!(room = %self.shared.room, shard = crate::router::shard_number(&self.shared.room), conn = %self.id, queued_bytes = queue.bytes,
                 max_bytes = self.shared.max_bytes, "closing slow consumer: outbound queue full");
             metrics::counter!("partyhost_slow_consumer_disconnects_total", &crate::metrics::room_labels(&self.shared.room))
@@ -337,6 +339,10 @@ fn read_error_close(handle: &ConnectionHandle, err: axum::Error) -> (u16, String
             (close_code::MESSAGE_TOO_BIG, "message too big")
         }
         Some(Error::Utf8(_)) => (close_code::INVALID_PAYLOAD, "text message is not valid UTF-8"),
+        Some(Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+            tracing::debug!(room = %handle.shared.room, conn = %handle.id, "peer left without a close frame");
+            return (close_code::ABNORMAL, "connection lost".into());
+        }
         Some(Error::Protocol(_)) => (close_code::PROTOCOL_ERROR, "WebSocket protocol error"),
         _ => {
             tracing::debug!(room = %handle.shared.room, shard = crate::router::shard_number(&handle.shared.room), conn = %handle.id, err = %err, "socket read failed");
@@ -365,7 +371,10 @@ async fn write_loop(mut sink: SplitSink<WebSocket, Message>, handle: ConnectionH
 
         if let Some(frame) = close {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                sink.send(Message::Close(Some(frame))).await?;
+                // 1005, 1006 and 1015 are reserved for reports and must not
+                // be sent; such a close goes out without a code.
+                let frame = (!matches!(frame.code, 1005 | 1006 | 1015)).then_some(frame);
+                sink.send(Message::Close(frame)).await?;
                 sink.close().await
             })
             .await;

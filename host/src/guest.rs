@@ -11,29 +11,23 @@
 //! survive an instance restart with the connections. Storage and alarm
 //! functions are implemented next to the database, in [`crate::storage`].
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::ws::Message;
 use indexmap::IndexMap;
-use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 use crate::connection::{frame_payload_len, ConnectionHandle};
 use crate::metrics::RoomMetrics;
 use crate::alarm::Alarms;
 use crate::config::Config;
 use crate::env::Environment;
+use crate::guest_log::{GuestLog, Level};
 use crate::runtime::bindings::partyhost::room::{connection, env, room, types};
 use crate::storage::Storage;
 use crate::runtime::GuestMessage;
-
-/// Longest log line or stdout line a guest may write; the rest is cut off.
-const MAX_GUEST_LOG_LINE: usize = 4096;
 
 /// Published messages one room may have waiting for delivery to its sibling
 /// shards. A room that publishes faster than its siblings handle the
@@ -102,6 +96,8 @@ pub struct RoomHost {
     /// whether `on-alarm` replaced the alarm that fired.
     pub alarm_changed: bool,
     wasi: WasiCtx,
+    /// The room's log, for the `log` host function and guest output.
+    log: GuestLog,
     table: ResourceTable,
 }
 
@@ -109,8 +105,10 @@ impl RoomHost {
     /// Creates the data of room `room`, whose published messages go to
     /// `publishes`.
     pub fn new(room: Arc<str>, publishes: mpsc::Sender<GuestMessage>, services: Services) -> RoomHost {
+        let log = GuestLog::new(room.clone());
         RoomHost {
-            wasi: guest_wasi(&room),
+            wasi: log.wasi(),
+            log,
             metrics: RoomMetrics::new(&room),
             room,
             connections: IndexMap::new(),
@@ -125,7 +123,7 @@ impl RoomHost {
     /// Clears what belonged to the dropped instance (WASI state, resources)
     /// and keeps the connections.
     pub fn reset_instance_state(&mut self) {
-        self.wasi = guest_wasi(&self.room);
+        self.wasi = self.log.wasi();
         self.table = ResourceTable::new();
     }
 }
@@ -207,15 +205,14 @@ impl room::Host for RoomHost {
     }
 
     fn log(&mut self, level: room::LogLevel, message: String) {
-        let room = &*self.room;
-        let message = truncate(&message, MAX_GUEST_LOG_LINE);
-        match level {
-            room::LogLevel::Trace => tracing::trace!(target: "guest", room, "{message}"),
-            room::LogLevel::Debug => tracing::debug!(target: "guest", room, "{message}"),
-            room::LogLevel::Info => tracing::info!(target: "guest", room, "{message}"),
-            room::LogLevel::Warn => tracing::warn!(target: "guest", room, "{message}"),
-            room::LogLevel::Error => tracing::error!(target: "guest", room, "{message}"),
-        }
+        let level = match level {
+            room::LogLevel::Trace => Level::Trace,
+            room::LogLevel::Debug => Level::Debug,
+            room::LogLevel::Info => Level::Info,
+            room::LogLevel::Warn => Level::Warn,
+            room::LogLevel::Error => Level::Error,
+        };
+        self.log.write(level, None, &message);
     }
 }
 
@@ -310,86 +307,4 @@ pub(crate) fn truncate(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-/// WASI for a guest: no files, no sockets, no environment; stdout and stderr
-/// go to the log.
-fn guest_wasi(room: &Arc<str>) -> WasiCtx {
-    WasiCtxBuilder::new()
-        .stdout(GuestOutput { room: room.clone(), stream: "stdout" })
-        .stderr(GuestOutput { room: room.clone(), stream: "stderr" })
-        .build()
-}
-
-/// A guest's stdout or stderr.
-struct GuestOutput {
-    room: Arc<str>,
-    stream: &'static str,
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger {
-            room: self.room.clone(),
-            stream: self.stream,
-            line: Vec::new(),
-        })
-    }
-}
-
-/// Splits guest output into lines and logs each one.
-struct LineLogger {
-    room: Arc<str>,
-    stream: &'static str,
-    line: Vec<u8>,
-}
-
-impl LineLogger {
-    fn emit(&mut self) {
-        if self.line.is_empty() {
-            return;
-        }
-        let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end();
-        if self.stream == "stderr" {
-            tracing::warn!(target: "guest", room = %self.room, shard = crate::router::shard_number(&self.room), stream = self.stream, "{text}");
-        } else {
-            tracing::info!(target: "guest", room = %self.room, shard = crate::router::shard_number(&self.room), stream = self.stream, "{text}");
-        }
-        self.line.clear();
-    }
-}
-
-impl AsyncWrite for LineLogger {
-    fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        for &byte in buf {
-            if byte == b'\n' {
-                self.emit();
-            } else if self.line.len() < MAX_GUEST_LOG_LINE {
-                self.line.push(byte);
-            }
-        }
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        self.emit();
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for LineLogger {
-    fn drop(&mut self) {
-        self.emit();
-    }
 }

@@ -22,6 +22,7 @@ pub mod config;
 pub mod connection;
 pub mod env;
 pub mod guest;
+pub mod guest_log;
 pub mod metrics;
 pub mod native;
 pub mod registry;

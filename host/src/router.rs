@@ -28,6 +28,10 @@ use crate::runtime::{GuestMessage, GuestRequest};
 /// Maximum length of a room id, in bytes.
 pub const MAX_ROOM_ID_LEN: usize = 128;
 
+/// Maximum length of a logical room id behind the router: room ids of its
+/// shards add `-<k>`, at most 3 bytes for 64 shards.
+pub const MAX_LOGICAL_ROOM_ID_LEN: usize = MAX_ROOM_ID_LEN - 3;
+
 /// Header that carries a fanned-out request's id to each shard.
 pub const REQUEST_ID_HEADER: &str = "x-partyhost-request-id";
 
@@ -60,8 +64,23 @@ pub fn validate_room_id(id: &str) -> Result<(), String> {
     if let Some(bad) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
         return Err(format!(
             "room id `{}` is invalid: `{}` is not allowed; use letters, digits, `.`, `_` or `-`",
-            id.escape_default(),
-            bad.escape_default()
+            id.escape_debug(),
+            bad.escape_debug()
+        ));
+    }
+    if id == "." || id == ".." {
+        return Err(format!("room id `{id}` is invalid: it must not be `.` or `..`"));
+    }
+    Ok(())
+}
+
+/// Checks a logical room id behind the router: short enough that its shard
+/// ids `<room>-<k>` are valid room ids too.
+pub fn validate_logical_room_id(room: &str) -> Result<(), String> {
+    if room.len() > MAX_LOGICAL_ROOM_ID_LEN {
+        return Err(format!(
+            "routed room id is {} bytes long: the limit is {MAX_LOGICAL_ROOM_ID_LEN}, so that shard ids              `<room>-<k>` stay within {MAX_ROOM_ID_LEN}",
+            room.len()
         ));
     }
     Ok(())
@@ -342,5 +361,9 @@ mod tests {
         assert!(validate_room_id("").is_err());
         assert!(validate_room_id("a b").is_err());
         assert!(validate_room_id("A-z_0.9").is_ok());
+        assert!(validate_room_id("..").is_err(), "`..` is not a room id");
+        assert!(validate_room_id(".").is_err(), "`.` is not a room id");
+        assert!(validate_logical_room_id(&"r".repeat(125)).is_ok());
+        assert!(validate_logical_room_id(&"r".repeat(126)).is_err(), "shard ids would pass 128 bytes");
     }
 }

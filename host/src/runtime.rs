@@ -35,6 +35,9 @@ pub use bindings::partyhost::room::types::Response as GuestResponse;
 pub use bindings::partyhost::room::types::Admission as GuestAdmission;
 pub use bindings::{Party, PartyPre};
 
+/// Largest module file partyhost reads, in bytes.
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
+
 /// Interval of the epoch ticker, and so the longest a guest call runs before
 /// it yields to other tasks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -70,9 +73,17 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .context("failed to configure wasmtime")?;
 
+        if !wasm.starts_with(b"\0asm") {
+            anyhow::bail!(
+                "`{source}` is not a WebAssembly component: it does not start with the WebAssembly \
+                 magic bytes. Build rooms with `cargo build --target wasm32-wasip2` and the partyhost SDK"
+            );
+        }
         let component = Component::new(&engine, wasm).map_err(|err| {
+            // wasmparser formats some details over several lines.
+            let detail = format!("{err:#}").split_whitespace().collect::<Vec<_>>().join(" ");
             anyhow::anyhow!(
-                "`{source}` is not a WebAssembly component: {err:#}. Build rooms with \
+                "`{source}` is not a WebAssembly component: {detail}. Build rooms with \
                  `cargo build --target wasm32-wasip2` and the partyhost SDK"
             )
         })?;
@@ -106,10 +117,30 @@ impl Runtime {
         }))
     }
 
-    /// Reads and compiles a module file.
+    /// Reads and compiles a module file of at most [`MAX_MODULE_BYTES`].
     pub fn from_file(path: &Path, limits: &Limits) -> Result<Arc<Runtime>> {
-        let wasm = std::fs::read(path)
+        use std::io::Read;
+
+        let too_large = || {
+            anyhow::anyhow!(
+                "module `{}` is larger than {} MiB: a room component is far smaller",
+                path.display(),
+                MAX_MODULE_BYTES >> 20
+            )
+        };
+        let file = std::fs::File::open(path).with_context(|| format!("failed to read module `{}`", path.display()))?;
+        let declared = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+        if declared > MAX_MODULE_BYTES {
+            return Err(too_large());
+        }
+        // Devices and pipes declare no length, so the read is bounded too.
+        let mut wasm = Vec::new();
+        file.take(MAX_MODULE_BYTES + 1)
+            .read_to_end(&mut wasm)
             .with_context(|| format!("failed to read module `{}`", path.display()))?;
+        if wasm.len() as u64 > MAX_MODULE_BYTES {
+            return Err(too_large());
+        }
         Runtime::new(&path.display().to_string(), &wasm, limits)
     }
 

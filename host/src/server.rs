@@ -31,9 +31,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::connection::{self, close_code, close_frame, ConnectionHandle, SocketLimits};
@@ -61,6 +65,8 @@ struct App {
     router: router::Router,
     /// Renders `/metrics`.
     metrics: PrometheusHandle,
+    /// Allows one log line per second about handshakes over the rate.
+    rate_rejection_log: DefaultDirectRateLimiter,
     /// False once shutdown started, so `/readyz` turns load balancers away.
     ready: AtomicBool,
     /// Open WebSockets of the process, bounded by `--max-connections`.
@@ -105,12 +111,17 @@ pub async fn serve(
     let quota = Quota::per_second(NonZeroU32::new(limits.connect_rate).expect("--connect-rate is at least 1"))
         .allow_burst(NonZeroU32::new(limits.connect_burst).expect("--connect-burst is at least 1"));
     let shutdown_deadline = limits.shutdown_timeout();
+    let http_limits = HttpLimits {
+        max_connections: limits.max_http_connections as usize,
+        header_timeout: limits.header_timeout(),
+    };
     let open_connections = Arc::new(AtomicUsize::new(0));
     let app = Arc::new(App {
         rooms: rooms.clone(),
         connections: open_connections.clone(),
         handshakes: RateLimiter::direct(quota),
         router: router::Router::default(),
+        rate_rejection_log: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
         metrics,
         ready: AtomicBool::new(true),
         config,
@@ -121,6 +132,7 @@ pub async fn serve(
         .route("/parties/{party}", any(missing_room))
         .route("/parties/{party}/", any(missing_room))
         .route("/parties/{party}/{room}", any(party))
+        .route("/parties/{party}/{room}/", any(party))
         .route("/parties/{party}/{room}/{*rest}", any(party))
         .fallback(|| async {
             text(StatusCode::NOT_FOUND, "not found: rooms live at /parties/<party>/<room>")
@@ -144,36 +156,131 @@ pub async fn serve(
     }
 
     let (stopping_tx, stopping) = oneshot::channel::<()>();
-    let server = axum::serve(listener, routes).with_graceful_shutdown(async move {
+    let accepting = tokio::spawn(accept_loop(listener, routes, http_limits, async move {
         shutdown.await;
         tracing::info!("shutting down: no new connections");
         let _ = stopping_tx.send(());
-    });
-    let server = tokio::spawn(async move { server.await });
+    }));
+    if stopping.await.is_err() {
+        accepting.await?;
+        return Ok(());
+    }
 
-    // Once shutdown starts, close the sockets while the HTTP side drains;
-    // upgraded sockets are not part of axum's drain.
-    if stopping.await.is_ok() {
-        app.ready.store(false, Ordering::Release);
-        // Alarms that come due from now on stay persisted and fire after
-        // the next start.
-        alarm_scheduler.abort();
-        rooms.shutdown(shutdown_deadline).await;
+    // One deadline covers every step of the shutdown.
+    let deadline = tokio::time::Instant::now() + shutdown_deadline;
+    app.ready.store(false, Ordering::Release);
+    // Alarms that come due from now on stay persisted and fire after the
+    // next start.
+    alarm_scheduler.abort();
+    let graceful = accepting.await?;
+    let http_drained = async {
+        if tokio::time::timeout_at(deadline, graceful.shutdown()).await.is_err() {
+            tracing::warn!("in-flight requests did not finish before the shutdown deadline");
+        }
+    };
+    // Upgraded sockets are not part of the HTTP drain: the rooms close them.
+    let sockets_closed = async {
+        rooms.shutdown(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
         let closed = async {
             while open_connections.load(Ordering::Acquire) > 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         };
-        if tokio::time::timeout(shutdown_deadline, closed).await.is_err() {
+        if tokio::time::timeout_at(deadline, closed).await.is_err() {
             tracing::warn!("some sockets did not close before the shutdown deadline");
         }
-    }
-    match tokio::time::timeout(shutdown_deadline, server).await {
-        Ok(joined) => joined??,
-        Err(_) => tracing::warn!("in-flight requests did not finish before the shutdown deadline"),
-    }
+    };
+    tokio::join!(http_drained, sockets_closed);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Bounds on plain HTTP connections, before any upgrade.
+struct HttpLimits {
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown` resolves and serves each with
+/// HTTP/1.1, then returns the handle that drains them.
+///
+/// At most `max_connections` connections are served at once; past it the
+/// loop stops accepting, so further clients wait in the kernel's backlog
+/// rather than in memory. A client must send each request's headers within
+/// `header_timeout`, which also closes a keep-alive connection that stays
+/// silent that long.
+async fn accept_loop(
+    listener: TcpListener,
+    routes: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) -> HttpDrain {
+    let drain = HttpDrain {
+        stop: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    };
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the slot semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
+        if slots.available_permits() == 0 {
+            tracing::warn!(max = limits.max_connections, "HTTP connections at --max-http-connections: accepting paused");
+        }
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(err) => {
+                    // Out of descriptors, most likely: wait for some to free.
+                    tracing::warn!(err = %err, "failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+
+        let service = TowerToHyperService::new(routes.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let stop = drain.stop.clone();
+        drain.tasks.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = result {
+                tracing::debug!(err = %err, "HTTP connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drain
+}
+
+/// The open HTTP connections, for a graceful shutdown.
+struct HttpDrain {
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl HttpDrain {
+    /// Lets each connection finish its request in flight, closes it, and
+    /// waits until all are closed.
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
@@ -237,11 +344,16 @@ async fn party(
     if party != "main" && party != "router" {
         return text(
             StatusCode::NOT_FOUND,
-            format!("unknown party `{}`: use `main` for one room or `router` for a sharded room", party.escape_default()),
+            format!("unknown party `{}`: use `main` for one room or `router` for a sharded room", party.escape_debug()),
         );
     }
     if let Err(message) = router::validate_room_id(room) {
         return text(StatusCode::BAD_REQUEST, message);
+    }
+    if party == "router" {
+        if let Err(message) = router::validate_logical_room_id(room) {
+            return text(StatusCode::BAD_REQUEST, message);
+        }
     }
 
     if is_websocket_upgrade(request.headers()) {
@@ -322,7 +434,10 @@ async fn connect(app: Arc<App>, shard_of: Option<String>, room: String, request:
     };
     if app.handshakes.check().is_err() {
         crate::metrics::rejected_connection("connect_rate");
-        tracing::debug!(room = %room_id, "handshake rejected: over --connect-rate");
+        if app.rate_rejection_log.check().is_ok() {
+            tracing::warn!(room = %room_id, rate = app.config.limits.connect_rate,
+                "handshakes rejected: over --connect-rate (logged at most once per second)");
+        }
         return unavailable_text(format!(
             "too many connection attempts: the server admits {} per second (--connect-rate); retry",
             app.config.limits.connect_rate
@@ -481,20 +596,49 @@ async fn read_request(app: &App, request: Request) -> Result<GuestRequest, Respo
 
 /// Converts a guest's response, dropping headers that are not valid HTTP.
 fn guest_response(room: &str, response: GuestResponse) -> Response {
-    let Ok(status) = StatusCode::from_u16(response.status) else {
+    // 1xx answers belong to the protocol (101 is the WebSocket upgrade), and
+    // codes past 599 are not HTTP.
+    let status = StatusCode::from_u16(response.status).ok().filter(|_| (200..=599).contains(&response.status));
+    let Some(status) = status else {
         tracing::warn!(room = %room, status = response.status, "guest answered an invalid HTTP status");
-        return text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered invalid status {}", response.status));
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("room answered invalid status {}: use 200 to 599", response.status),
+        );
     };
     let mut builder = Response::builder().status(status);
     for (name, value) in response.headers {
-        match (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) {
-            (Ok(name), Ok(value)) => builder = builder.header(name, value),
-            _ => tracing::warn!(room = %room, header = name.escape_default().to_string(), "guest response header is invalid: dropped"),
+        let (Ok(name), Ok(value)) = (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value.as_str())) else {
+            tracing::warn!(room = %room, header = %name.escape_debug(), "guest response header is invalid: dropped");
+            continue;
+        };
+        // The host frames the body and manages the connection; a room's
+        // own framing headers would desynchronise the client.
+        if is_framing_header(&name) {
+            tracing::warn!(room = %room, header = %name, "guest response header is set by the host: dropped");
+            continue;
         }
+        builder = builder.header(name, value);
     }
     builder.body(Body::from(response.body)).unwrap_or_else(|err| {
         text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered an invalid response: {err}"))
     })
+}
+
+/// Headers that describe the connection or the body's framing, which only
+/// the host may set.
+fn is_framing_header(name: &HeaderName) -> bool {
+    [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TE,
+        header::TRAILER,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ]
+    .contains(name)
 }
 
 fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
@@ -506,12 +650,21 @@ fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// The connection id: the `_pk` query parameter, or a new UUID.
 fn connection_id(query: Option<&str>) -> Result<String, String> {
-    let pk = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-        .find(|(key, _)| key == "_pk")
-        .map(|(_, value)| value.into_owned());
-    let Some(pk) = pk else {
+    let raw = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == "_pk")
+        .map(|(_, value)| value);
+    let Some(raw) = raw else {
         return Ok(uuid::Uuid::new_v4().to_string());
     };
+    // Decoded strictly: a lossy decoding would map different invalid ids to
+    // the same one, and let one client replace another's connection.
+    let plus_as_space = raw.replace('+', " ");
+    let pk = percent_encoding::percent_decode_str(&plus_as_space)
+        .decode_utf8()
+        .map_err(|_| "connection id `_pk` is not valid UTF-8 once percent-decoded".to_string())?;
     if pk.is_empty() || pk.len() > MAX_CONNECTION_ID_LEN {
         return Err(format!(
             "connection id `_pk` must be 1 to {MAX_CONNECTION_ID_LEN} bytes long, not {}",
@@ -521,7 +674,7 @@ fn connection_id(query: Option<&str>) -> Result<String, String> {
     if pk.chars().any(char::is_control) {
         return Err("connection id `_pk` contains control characters".into());
     }
-    Ok(pk)
+    Ok(pk.into_owned())
 }
 
 fn original_url(uri: &axum::http::Uri) -> String {

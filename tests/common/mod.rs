@@ -316,8 +316,14 @@ impl RawSocket {
     }
 
     /// Reads frames until a close frame; returns its code. Panics if the
-    /// connection ends first.
+    /// connection ends first or the frame has no code.
     pub fn read_close_code(&mut self) -> u16 {
+        self.read_close().expect("close frame without a code")
+    }
+
+    /// Reads frames until a close frame; returns its code, or `None` for a
+    /// close frame without one. Panics if the connection ends first.
+    pub fn read_close(&mut self) -> Option<u16> {
         use std::io::Read;
 
         loop {
@@ -337,8 +343,10 @@ impl RawSocket {
             let mut payload = vec![0u8; length as usize];
             self.stream.read_exact(&mut payload).unwrap();
             if opcode == 0x8 {
-                assert!(payload.len() >= 2, "close frame without a code");
-                return u16::from_be_bytes([payload[0], payload[1]]);
+                if payload.len() < 2 {
+                    return None;
+                }
+                return Some(u16::from_be_bytes([payload[0], payload[1]]));
             }
         }
     }

@@ -19,6 +19,11 @@
 //!   of entries or the host's error;
 //! - `batch <n>`: commits a batch of `n` deletes, and answers `committed`
 //!   or the host's error;
+//! - `big <bytes>`: broadcasts one message of that many bytes;
+//! - `log <text>`: writes `<text>` to the host's log;
+//! - `log-flood <n>`: writes `n` log lines in one call;
+//! - `respond <status> [<header> <value>]` (HTTP only): answers the body
+//!   `short` with that status and header, to test what the host lets through;
 //! - `flaky <room> <text>` (HTTP only): the room with id `<room>` panics on
 //!   the first attempt of a router request; every other call broadcasts
 //!   `<text>` and answers `relayed`.
@@ -70,6 +75,22 @@ impl Faulty {
                     std::hint::spin_loop();
                 }
                 format!("spun {millis}")
+            }
+            "big" => {
+                let bytes: usize = argument.parse().unwrap_or(0);
+                partyhost_sdk::broadcast("b".repeat(bytes));
+                format!("broadcast {bytes} bytes")
+            }
+            "log" => {
+                partyhost_sdk::log(LogLevel::Info, argument);
+                "logged".to_string()
+            }
+            "log-flood" => {
+                let lines: usize = argument.parse().unwrap_or(0);
+                for i in 0..lines {
+                    partyhost_sdk::log(LogLevel::Info, &format!("flood line {i}"));
+                }
+                format!("logged {lines}")
             }
             "count" => self.calls.to_string(),
             "connections" => partyhost_sdk::connections().len().to_string(),
@@ -179,6 +200,15 @@ impl Room for Faulty {
 
     fn on_request(&mut self, request: Request) -> Response {
         let command = request.text().unwrap_or("");
+        if let Some(argument) = command.strip_prefix("respond ") {
+            let mut parts = argument.splitn(3, ' ');
+            let status = parts.next().and_then(|status| status.parse().ok()).unwrap_or(200);
+            let mut response = Response::text(status, "short");
+            if let (Some(name), Some(value)) = (parts.next(), parts.next()) {
+                response = response.with_header(name, value);
+            }
+            return response;
+        }
         if let Some(argument) = command.strip_prefix("flaky ") {
             let (target, text) = argument.split_once(' ').unwrap_or((argument, ""));
             let first_attempt = request.header("x-partyhost-attempt") == Some("1");
