@@ -15,7 +15,9 @@
 //! (up to `--max-rooms` of each) and `SQLITE_BUSY` retries, without adding
 //! write throughput. The cost is that storage calls run on the calling
 //! room's actor and block its thread for the statement and the fsync of the
-//! commit, and rooms that write at the same moment wait for each other.
+//! commit, and rooms that write at the same moment wait for each other. The
+//! calls run under `tokio::task::block_in_place`, so the other tasks of that
+//! worker thread move to another thread meanwhile.
 //! Every guest input is bounded before SQLite sees it, so the mutex is held
 //! for one short statement or one transaction of at most [`MAX_BATCH_WRITES`]
 //! rows:
@@ -337,6 +339,20 @@ fn check_value(key: &str, value: &[u8]) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Runs a database call, telling tokio first that it blocks, so the other
+/// tasks of this worker thread (other rooms) move to another thread while
+/// the call waits for the lock or the disk. Outside a multi-threaded
+/// runtime the call runs as is.
+fn off_worker<T>(call: impl FnOnce() -> T) -> T {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
+    }
+}
+
 /// Returns the smallest byte string above every string that starts with
 /// `prefix`, or `None` when no such bound exists (an empty prefix, or one of
 /// 0xFF bytes only).
@@ -356,17 +372,17 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 /// is also logged.
 impl wit::Host for RoomHost {
     fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, String> {
-        let result = self.services.storage.get(&self.room, &key);
+        let result = off_worker(|| self.services.storage.get(&self.room, &key));
         self.guest_result("get", result)
     }
 
     fn put(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let result = self.services.storage.put(&self.room, &key, &value);
+        let result = off_worker(|| self.services.storage.put(&self.room, &key, &value));
         self.guest_result("put", result)
     }
 
     fn delete(&mut self, key: String) -> Result<bool, String> {
-        let result = self.services.storage.delete(&self.room, &key);
+        let result = off_worker(|| self.services.storage.delete(&self.room, &key));
         self.guest_result("delete", result)
     }
 
@@ -376,7 +392,7 @@ impl wit::Host for RoomHost {
             start: options.start.as_deref(),
             limit: options.limit,
         };
-        let result = self.services.storage.list(&self.room, options).map(|entries| {
+        let result = off_worker(|| self.services.storage.list(&self.room, options)).map(|entries| {
             entries.into_iter().map(|(key, value)| wit::Entry { key, value }).collect()
         });
         self.guest_result("list", result)
@@ -390,12 +406,12 @@ impl wit::Host for RoomHost {
                 wit::Write::Delete(key) => Write::Delete(key),
             })
             .collect();
-        let result = self.services.storage.batch(&self.room, &writes);
+        let result = off_worker(|| self.services.storage.batch(&self.room, &writes));
         self.guest_result("batch", result)
     }
 
     fn set_alarm(&mut self, time: u64) -> Result<(), String> {
-        let result = self.services.storage.set_alarm(&self.room, time);
+        let result = off_worker(|| self.services.storage.set_alarm(&self.room, time));
         if result.is_ok() {
             self.services.alarms.schedule(&self.room, time);
             self.alarm_changed = true;
@@ -404,12 +420,12 @@ impl wit::Host for RoomHost {
     }
 
     fn alarm(&mut self) -> Result<Option<u64>, String> {
-        let result = self.services.storage.alarm(&self.room);
+        let result = off_worker(|| self.services.storage.alarm(&self.room));
         self.guest_result("alarm", result)
     }
 
     fn delete_alarm(&mut self) -> Result<(), String> {
-        let result = self.services.storage.delete_alarm(&self.room).map(|_| ());
+        let result = off_worker(|| self.services.storage.delete_alarm(&self.room)).map(|_| ());
         if result.is_ok() {
             self.services.alarms.cancel(&self.room);
             self.alarm_changed = true;
