@@ -217,3 +217,44 @@ async fn vanished_client_not_protocol_error() {
         server.logs().join("\n")
     );
 }
+
+#[tokio::test]
+async fn invalid_client_close_code_fails_connection() {
+    let server = Server::with_example("faulty", &[]);
+    for (i, (name, payload)) in [("code 999", vec![0x03, 0xe7]), ("code 1005", vec![0x03, 0xed])].into_iter().enumerate() {
+        let path = format!("/parties/main/closer?_pk=raw-{i}");
+        let mut raw = RawSocket::connect(server.addr, &path).expect("handshake");
+        raw.send_frame(0x8, &payload);
+        // Failing the connection may skip the close frame: the socket ends.
+        let ended = tokio::task::spawn_blocking(move || {
+            let mut buffer = [0u8; 256];
+            loop {
+                match raw.stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => return true,
+                    Ok(_) => continue,
+                }
+            }
+        });
+        assert!(ended.await.unwrap(), "{name}: the server ends the connection");
+    }
+    // The room sees each close as a protocol error.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let closes = server.logs().iter().filter(|line| line.contains("1002 Protocol violation") && line.contains("on-close raw-")).count();
+        if closes == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "on-close ran {closes} times with 1002, not 2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = request("POST", &server.http("/parties/main/closer"), "connections").await;
+        assert_eq!(status, 200);
+        if body == "0" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the room still counts {body} connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
