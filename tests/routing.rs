@@ -248,3 +248,41 @@ async fn chat_publish_reaches_every_shard_in_order() {
         assert_silent(socket, Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_survives_client_disconnect() {
+    let server = Server::with_example("faulty", &[]);
+    let url = server.http("/parties/router/dup");
+
+    // The first client gives up while every shard is still busy.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(100)).build().unwrap();
+    let first = impatient.post(&url).header("idempotency-key", "k1").body("spin 500").send().await;
+    assert!(first.is_err(), "the first client timed out");
+
+    let client = reqwest::Client::new();
+    let retry = client.post(&url).header("idempotency-key", "k1").body("spin 500").send().await.unwrap();
+    assert_eq!(retry.status(), 200);
+    let summary = json(&retry.text().await.unwrap());
+    assert_eq!(summary["requestId"], "k1");
+
+    for k in 1..=5 {
+        let (status, body) = request("POST", &server.http(&format!("/parties/main/dup-{k}")), "count").await;
+        assert_eq!((status, body.as_str()), (200, "2"), "shard {k} ran the spin once, then this count");
+    }
+
+    let other = client.post(&url).header("idempotency-key", "k1").body("spin 1").send().await.unwrap();
+    assert_eq!(other.status(), 422, "the key came back with another body");
+}
+
+#[tokio::test]
+async fn failed_fan_out_is_not_remembered() {
+    let server = Server::with_example("faulty", &[]);
+    let url = server.http("/parties/router/fails");
+    let client = reqwest::Client::new();
+    for attempt in 1..=2 {
+        let response = client.post(&url).header("idempotency-key", "k2").body("respond 500").send().await.unwrap();
+        assert_eq!(response.status(), 502, "attempt {attempt}");
+    }
+    let (status, body) = request("POST", &server.http("/parties/main/fails-1"), "count").await;
+    assert_eq!((status, body.as_str()), (200, "3"), "both attempts ran, then this count");
+}

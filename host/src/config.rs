@@ -49,7 +49,8 @@ pub struct Config {
     /// Seconds during which a router request with an `Idempotency-Key`
     /// already seen for the same room is answered with the first result
     /// instead of running again.
-    #[arg(long = "idempotency-window", default_value_t = 60, value_name = "SECONDS")]
+    #[arg(long = "idempotency-window", default_value_t = 60, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub idempotency_window_secs: u64,
 
     /// Separate address for operators: `/metrics`, `/healthz`, `/readyz` and
@@ -184,12 +185,14 @@ pub struct Limits {
 
     /// Seconds that shutdown waits for in-flight requests and `on-close`
     /// calls before the process exits anyway.
-    #[arg(long = "shutdown-timeout", default_value_t = 10, value_name = "SECONDS")]
+    #[arg(long = "shutdown-timeout", default_value_t = 10, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_timeout_secs: u64,
 
     /// Seconds a room with no connections and no events stays in memory
     /// before its instance is dropped.
-    #[arg(long = "room-idle-timeout", default_value_t = 30, value_name = "SECONDS")]
+    #[arg(long = "room-idle-timeout", default_value_t = 30, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub room_idle_timeout_secs: u64,
 }
 

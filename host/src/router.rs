@@ -17,6 +17,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::future::{BoxFuture, Shared};
+use futures_util::FutureExt;
 use rand::Rng;
 use serde::Serialize;
 
@@ -180,140 +182,209 @@ pub struct FanOutSummary {
     pub failed: Vec<String>,
 }
 
-/// Orders and deduplicates fanned-out requests.
+/// Orders and deduplicates fanned-out requests. Cloning it is cheap.
+#[derive(Clone, Default)]
 pub struct Router {
+    inner: Arc<RouterState>,
+}
+
+struct RouterState {
     sequencers: Vec<tokio::sync::Mutex<()>>,
     remembered: Mutex<HashMap<(String, String), Remembered>>,
 }
 
-/// The result of a request with an idempotency key, once it is known.
-struct Remembered {
-    first_seen: Instant,
-    summary: Arc<tokio::sync::OnceCell<FanOutSummary>>,
-}
-
-impl Default for Router {
+impl Default for RouterState {
     fn default() -> Self {
-        Router {
+        RouterState {
             sequencers: (0..SEQUENCER_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             remembered: Mutex::new(HashMap::new()),
         }
     }
 }
 
+/// A fan-out's summary, awaited by the first request with a key and by its
+/// repetitions.
+type SharedSummary = Shared<BoxFuture<'static, FanOutSummary>>;
+
+/// A request with an idempotency key, and its result once known.
+struct Remembered {
+    first_seen: Instant,
+    /// Hash of the method and body, to catch a key reused for another
+    /// request.
+    fingerprint: u64,
+    summary: SharedSummary,
+}
+
+/// An `Idempotency-Key` that came back with a different request within the
+/// window.
+#[derive(Debug)]
+pub struct KeyReused;
+
 impl Router {
-    /// Fans `request` out to every shard of `room`. With an idempotency
-    /// key seen within the window, returns the first request's summary
-    /// instead, waiting for it if it is still running.
+    /// Fans `request` out to every shard of `room` and returns the summary.
+    ///
+    /// The fan-out runs in its own task, so it reaches every shard even if
+    /// the client goes away. With an idempotency key seen within the window,
+    /// returns the first request's summary instead, waiting for it if it is
+    /// still running; a summary with failed shards is forgotten once known,
+    /// so that a retry runs again.
     pub async fn fan_out(
         &self,
         rooms: &Arc<Rooms>,
         room: &str,
         request: GuestRequest,
         idempotency_key: Option<String>,
-    ) -> FanOutSummary {
+    ) -> Result<FanOutSummary, KeyReused> {
         let Some(key) = idempotency_key else {
-            return self.fan_out_once(rooms, room, request, uuid::Uuid::new_v4().to_string()).await;
+            let request_id = uuid::Uuid::new_v4().to_string();
+            return Ok(self.spawn(rooms, room, request, request_id).await);
         };
-        let Some(summary) = self.remember(rooms, room, &key) else {
-            return self.fan_out_once(rooms, room, request, key).await;
-        };
-        let summary = summary
-            .get_or_init(|| self.fan_out_once(rooms, room, request, key.clone()))
-            .await;
-        summary.clone()
-    }
-
-    /// Returns the cell that holds the result for `key` in `room`, or `None`
-    /// when the cache is full.
-    fn remember(&self, rooms: &Rooms, room: &str, key: &str) -> Option<Arc<tokio::sync::OnceCell<FanOutSummary>>> {
+        let id = (room.to_string(), key.clone());
+        let fingerprint = fingerprint(&request);
         let window = rooms.config.idempotency_window();
-        let mut remembered = self.remembered.lock().expect("idempotency cache lock");
-        let id = (room.to_string(), key.to_string());
-        if let Some(entry) = remembered.get(&id) {
-            if entry.first_seen.elapsed() < window {
-                return Some(entry.summary.clone());
-            }
-        }
-        if remembered.len() >= MAX_REMEMBERED_KEYS {
-            remembered.retain(|_, entry| entry.first_seen.elapsed() < window);
-        }
-        if remembered.len() >= MAX_REMEMBERED_KEYS {
-            tracing::warn!(room = %room, max = MAX_REMEMBERED_KEYS, "idempotency cache full: request runs without deduplication");
-            return None;
-        }
-        let summary = Arc::new(tokio::sync::OnceCell::new());
-        remembered.insert(
-            id,
-            Remembered {
-                first_seen: Instant::now(),
-                summary: summary.clone(),
-            },
-        );
-        Some(summary)
-    }
 
-    async fn fan_out_once(&self, rooms: &Arc<Rooms>, room: &str, mut request: GuestRequest, request_id: String) -> FanOutSummary {
-        let started = Instant::now();
-        let shards = rooms.config.shards_for(room);
-        let attempts = rooms.config.fanout_attempts;
-        request.headers.retain(|(name, _)| name != REQUEST_ID_HEADER && name != ATTEMPT_HEADER);
-        request.headers.push((REQUEST_ID_HEADER.to_string(), request_id.clone()));
-
-        // Enqueue on every shard while holding the room's turn, so two
-        // requests reach all shards in the same order.
-        let mut pending = Vec::with_capacity(shards as usize);
-        {
-            let stripe = (fnv_hash(room) % SEQUENCER_STRIPES as u64) as usize;
-            let _turn = self.sequencers[stripe].lock().await;
-            for k in 1..=shards {
-                let id = shard_id(room, k);
-                let queued = rooms.enqueue_request(&id, request.clone(), attempts).await;
-                pending.push((id, queued));
-            }
-        }
-
-        let answers = pending.into_iter().map(|(id, queued)| async move {
-            let answered = match queued {
-                Ok(answer) => answer.await.map_err(|_| RequestError::Stopped),
-                Err(err) => Err(err),
-            };
-            let (result, attempts) = match answered {
-                Ok(answered) => (answered.result, answered.attempts),
-                Err(err) => (Err(err), 0),
-            };
-            match result {
-                Ok(response) => ShardOutcome {
-                    error: (!(200..300).contains(&response.status))
-                        .then(|| format!("the room answered {}", response.status)),
-                    room: id,
-                    status: response.status,
-                    attempts,
-                },
-                Err(err) => {
-                    tracing::warn!(room = %room, shard = %id, attempts, err = %err, "fan-out to shard failed");
-                    ShardOutcome {
-                        room: id,
-                        status: err.status(),
-                        attempts,
-                        error: Some(err.to_string()),
+        let summary = {
+            let mut remembered = self.inner.remembered.lock().expect("idempotency cache lock");
+            match remembered.get(&id) {
+                Some(entry) if entry.first_seen.elapsed() < window => {
+                    if entry.fingerprint != fingerprint {
+                        return Err(KeyReused);
                     }
+                    entry.summary.clone()
+                }
+                _ => {
+                    if remembered.len() >= MAX_REMEMBERED_KEYS {
+                        remembered.retain(|_, entry| entry.first_seen.elapsed() < window);
+                    }
+                    let summary = self.spawn(rooms, room, request, key);
+                    if remembered.len() < MAX_REMEMBERED_KEYS {
+                        let entry = Remembered {
+                            first_seen: Instant::now(),
+                            fingerprint,
+                            summary: summary.clone(),
+                        };
+                        remembered.insert(id.clone(), entry);
+                    } else {
+                        tracing::warn!(room = %room, max = MAX_REMEMBERED_KEYS,
+                            "idempotency cache full: request runs without deduplication");
+                    }
+                    summary
                 }
             }
-        });
-        let outcomes = futures_util::future::join_all(answers).await;
-        let failed = outcomes
-            .iter()
-            .filter(|outcome| outcome.error.is_some())
-            .map(|outcome| outcome.room.clone())
-            .collect();
-        metrics::histogram!("partyhost_fanout_duration_seconds").record(started.elapsed().as_secs_f64());
-        FanOutSummary {
-            room: room.to_string(),
-            request_id,
-            shards: outcomes,
-            failed,
+        };
+
+        let result = summary.clone().await;
+        if !result.failed.is_empty() {
+            let mut remembered = self.inner.remembered.lock().expect("idempotency cache lock");
+            if remembered.get(&id).is_some_and(|entry| entry.summary.ptr_eq(&summary)) {
+                remembered.remove(&id);
+            }
         }
+        Ok(result)
+    }
+
+    /// Starts a fan-out in its own task and returns its shared summary.
+    fn spawn(&self, rooms: &Arc<Rooms>, room: &str, request: GuestRequest, request_id: String) -> SharedSummary {
+        let state = self.inner.clone();
+        let rooms = rooms.clone();
+        let room = room.to_string();
+        let task = tokio::spawn({
+            let room = room.clone();
+            let request_id = request_id.clone();
+            async move { fan_out_once(&state, &rooms, &room, request, request_id).await }
+        });
+        async move {
+            task.await.unwrap_or_else(|err| {
+                tracing::error!(room = %room, err = %err, "fan-out task failed");
+                FanOutSummary {
+                    failed: vec![room.clone()],
+                    room,
+                    request_id,
+                    shards: Vec::new(),
+                }
+            })
+        }
+        .boxed()
+        .shared()
+    }
+}
+
+/// Hash of what makes two requests the same request.
+fn fingerprint(request: &GuestRequest) -> u64 {
+    let mut hasher = fnv::FnvHasher::default();
+    request.method.hash(&mut hasher);
+    request.body.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Puts `request` in every shard's mailbox in the order the router accepted
+/// it, then waits for every shard's answer.
+async fn fan_out_once(
+    state: &RouterState,
+    rooms: &Arc<Rooms>,
+    room: &str,
+    mut request: GuestRequest,
+    request_id: String,
+) -> FanOutSummary {
+    let started = Instant::now();
+    let shards = rooms.config.shards_for(room);
+    let attempts = rooms.config.fanout_attempts;
+    request.headers.retain(|(name, _)| name != REQUEST_ID_HEADER && name != ATTEMPT_HEADER);
+    request.headers.push((REQUEST_ID_HEADER.to_string(), request_id.clone()));
+
+    // Enqueue on every shard while holding the room's turn, so two
+    // requests reach all shards in the same order.
+    let mut pending = Vec::with_capacity(shards as usize);
+    {
+        let stripe = (fnv_hash(room) % SEQUENCER_STRIPES as u64) as usize;
+        let _turn = state.sequencers[stripe].lock().await;
+        for k in 1..=shards {
+            let id = shard_id(room, k);
+            let queued = rooms.enqueue_request(&id, request.clone(), attempts).await;
+            pending.push((id, queued));
+        }
+    }
+
+    let answers = pending.into_iter().map(|(id, queued)| async move {
+        let answered = match queued {
+            Ok(answer) => answer.await.map_err(|_| RequestError::Stopped),
+            Err(err) => Err(err),
+        };
+        let (result, attempts) = match answered {
+            Ok(answered) => (answered.result, answered.attempts),
+            Err(err) => (Err(err), 0),
+        };
+        match result {
+            Ok(response) => ShardOutcome {
+                error: (!(200..300).contains(&response.status))
+                    .then(|| format!("the room answered {}", response.status)),
+                room: id,
+                status: response.status,
+                attempts,
+            },
+            Err(err) => {
+                tracing::warn!(room = %room, shard = %id, attempts, err = %err, "fan-out to shard failed");
+                ShardOutcome {
+                    room: id,
+                    status: err.status(),
+                    attempts,
+                    error: Some(err.to_string()),
+                }
+            }
+        }
+    });
+    let outcomes = futures_util::future::join_all(answers).await;
+    let failed = outcomes
+        .iter()
+        .filter(|outcome| outcome.error.is_some())
+        .map(|outcome| outcome.room.clone())
+        .collect();
+    metrics::histogram!("partyhost_fanout_duration_seconds").record(started.elapsed().as_secs_f64());
+    FanOutSummary {
+        room: room.to_string(),
+        request_id,
+        shards: outcomes,
+        failed,
     }
 }
 

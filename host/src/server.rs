@@ -283,7 +283,20 @@ async fn fan_out(app: &App, room: &str, request: GuestRequest) -> Response {
             );
         }
     }
-    let summary = app.router.fan_out(&app.rooms, room, request, key).await;
+    let summary = match app.router.fan_out(&app.rooms, room, request, key.clone()).await {
+        Ok(summary) => summary,
+        Err(router::KeyReused) => {
+            let key = key.unwrap_or_default();
+            tracing::info!(room = %room, key = %key, "Idempotency-Key reused for a different request");
+            return text(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "Idempotency-Key `{key}` was used for a different request (method or body) within \
+                     --idempotency-window; use a new key for a new request"
+                ),
+            );
+        }
+    };
     let status = if summary.failed.is_empty() {
         StatusCode::OK
     } else {

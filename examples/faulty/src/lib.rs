@@ -201,6 +201,7 @@ impl Room for Faulty {
     fn on_request(&mut self, request: Request) -> Response {
         let command = request.text().unwrap_or("");
         if let Some(argument) = command.strip_prefix("respond ") {
+            self.calls += 1;
             let mut parts = argument.splitn(3, ' ');
             let status = parts.next().and_then(|status| status.parse().ok()).unwrap_or(200);
             let mut response = Response::text(status, "short");
