@@ -53,6 +53,12 @@ async fn guest_status_outside_200_599_is_500() {
     }
     let (status, body) = request("POST", &server.http("/parties/main/codes"), "respond 204").await;
     assert_eq!((status, body.as_str()), (204, ""), "204 passes, without a body");
+    let response = raw_request(&server, "POST /parties/main/codes HTTP/1.1", "respond 204");
+    assert!(!response.to_ascii_lowercase().contains("content-length"), "a 204 has no length: {response}");
+
+    let response = raw_request(&server, "POST /parties/main/codes HTTP/1.1", "respond 200 content-type text/html");
+    let content_types = response.to_ascii_lowercase().matches("content-type:").count();
+    assert_eq!(content_types, 1, "with_header replaces the SDK's content-type: {response}");
 }
 
 #[tokio::test]
@@ -257,4 +263,12 @@ async fn invalid_client_close_code_fails_connection() {
         assert!(std::time::Instant::now() < deadline, "the room still counts {body} connections");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[test]
+fn bad_environment_fails_before_listening() {
+    let (status, stderr) = run_to_exit(&["--env-file", "/nonexistent/.env"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed to read env file `/nonexistent/.env`"), "{stderr}");
+    assert!(!stderr.contains("listening"), "the server never announced an address: {stderr}");
 }

@@ -119,6 +119,8 @@ async fn tags_over_limit_fail_connection() {
     let (code, reason) = recv_close(&mut rejected).await;
     assert_eq!(code, 1011);
     assert_eq!(reason, "room error: on-connect returned 11 tags: the limit is 10");
+    // on-connect ran, so the room hears that the rejected connection left.
+    server.wait_for_log(&["on-close no 1011"]).await;
 }
 
 #[tokio::test]

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use partyhost::config::Limits;
+use clap::Parser;
+use partyhost::config::{Config, Limits};
 use partyhost::connection::ConnectionHandle;
-use partyhost::guest::RoomHost;
+use partyhost::guest::{RoomHost, Services};
 use partyhost::runtime::{GuestMessage, GuestRequest, Runtime};
 use wasmtime::Store;
 
@@ -43,6 +44,12 @@ fn connections(room: &Arc<str>, count: usize) -> impl Iterator<Item = (Arc<str>,
     })
 }
 
+/// Store data for a room, with no publish forwarder behind it.
+fn room_host(room: &Arc<str>, services: &Services) -> RoomHost {
+    let (publishes, _published) = tokio::sync::mpsc::channel(16);
+    RoomHost::new(room.clone(), publishes, services.clone())
+}
+
 fn bench_guest(c: &mut Criterion) {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -51,11 +58,15 @@ fn bench_guest(c: &mut Criterion) {
     let runtime = Runtime::new("built-in default room", partyhost::DEFAULT_ROOM_WASM, &Limits::default())
         .expect("failed to compile the default room");
     let room: Arc<str> = "bench-1".into();
+    let data_dir = std::env::temp_dir().join(format!("partyhost-bench-{}", std::process::id()));
+    let data_dir_arg = data_dir.to_str().expect("UTF-8 temporary path");
+    let config = Config::parse_from(["partyhost", "--data-dir", data_dir_arg]);
+    let services = Services::open(&config).expect("failed to open storage for the benchmark");
 
     c.bench_function("room_start_and_drop", |b| {
         b.iter(|| {
             tokio.block_on(async {
-                let mut store = runtime.new_store(RoomHost::new(room.clone()));
+                let mut store = runtime.new_store(room_host(&room, &services));
                 let party = runtime.instantiate(&mut store).await.expect("instantiate");
                 arm_deadline(&mut store);
                 party.call_on_start(&mut store).await.expect("on-start");
@@ -63,7 +74,7 @@ fn bench_guest(c: &mut Criterion) {
         })
     });
 
-    let mut store = runtime.new_store(RoomHost::new(room.clone()));
+    let mut store = runtime.new_store(room_host(&room, &services));
     let party = tokio.block_on(runtime.instantiate(&mut store)).expect("instantiate");
     arm_deadline(&mut store);
     tokio.block_on(party.call_on_start(&mut store)).expect("on-start");
@@ -110,6 +121,7 @@ fn bench_guest(c: &mut Criterion) {
         )
     });
     group.finish();
+    let _ = std::fs::remove_dir_all(&data_dir);
 }
 
 criterion_group! {

@@ -63,8 +63,16 @@ impl Response {
             .with_body(body)
     }
 
-    /// Adds a header.
+    /// Sets a header, replacing any header of the same name (names match
+    /// case-insensitively).
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.retain(|(existing, _)| !existing.eq_ignore_ascii_case(name));
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Adds a header, keeping those of the same name, as `set-cookie` needs.
+    pub fn append_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_string(), value.to_string()));
         self
     }

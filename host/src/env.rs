@@ -106,7 +106,8 @@ impl Environment {
 
     /// Reads dotenv lines: `KEY=VALUE`, optionally after `export `, with
     /// the value optionally in single or double quotes. Blank lines and
-    /// lines starting with `#` are skipped.
+    /// lines starting with `#` are skipped, and so is a ` #` comment after
+    /// an unquoted value or after the closing quote.
     fn parse_file(&mut self, text: &str) -> anyhow::Result<()> {
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -115,8 +116,7 @@ impl Environment {
             }
             let line = line.strip_prefix("export ").unwrap_or(line);
             let var: Var = line.parse().map_err(|err| anyhow::anyhow!("line {}: {err}", index + 1))?;
-            let value = var.value.trim();
-            let value = unquote(value, '"').or_else(|| unquote(value, '\'')).unwrap_or(value);
+            let value = dotenv_value(var.value.trim());
             self.vars.insert(var.key.trim().to_string(), value.to_string());
         }
         Ok(())
@@ -137,13 +137,38 @@ impl Environment {
     }
 }
 
-fn unquote(value: &str, quote: char) -> Option<&str> {
-    value.strip_prefix(quote)?.strip_suffix(quote)
+/// Returns the value of a dotenv line: the text inside quotes when it
+/// starts with one, else the text before a ` #` comment.
+fn dotenv_value(value: &str) -> &str {
+    for quote in ['"', '\''] {
+        if let Some(rest) = value.strip_prefix(quote) {
+            if let Some(end) = rest.find(quote) {
+                let after = rest[end + 1..].trim_start();
+                if after.is_empty() || after.starts_with('#') {
+                    return &rest[..end];
+                }
+            }
+        }
+    }
+    match value.find(" #") {
+        Some(comment) => value[..comment].trim_end(),
+        None => value,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dotenv_value_strips_quotes_and_comments() {
+        assert_eq!(dotenv_value("abc # comment"), "abc");
+        assert_eq!(dotenv_value("a#b"), "a#b", "a `#` inside a word is part of the value");
+        assert_eq!(dotenv_value("\"a b#c\" # comment"), "a b#c");
+        assert_eq!(dotenv_value("'single'"), "single");
+        assert_eq!(dotenv_value("\"unclosed"), "\"unclosed");
+        assert_eq!(dotenv_value(""), "");
+    }
 
     #[test]
     fn env_var_parses_key_and_value() {

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let runtime = load_room(&config)?;
+    let services = partyhost::guest::Services::open(&config)?;
     let metrics = partyhost::metrics::install()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -56,7 +57,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         addr = %addr,
         "partyhost listening on http://{addr}"
     );
-    partyhost::server::serve(listener, admin, runtime, config, metrics, shutdown_signal()).await
+    partyhost::server::serve(listener, admin, runtime, config, services, metrics, shutdown_signal()).await
 }
 
 fn load_room(config: &Config) -> anyhow::Result<Arc<Runtime>> {

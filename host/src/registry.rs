@@ -36,6 +36,9 @@ impl std::fmt::Display for RoomsError {
     }
 }
 
+/// Idle rooms asked to leave each time a new room finds the pool full.
+const EVICTIONS_PER_MISS: usize = 8;
+
 /// All live rooms of the process.
 pub struct Rooms {
     runtime: Arc<Runtime>,
@@ -79,6 +82,15 @@ impl Rooms {
         }
         let max_rooms = self.runtime.limits().max_rooms;
         if live.len() >= max_rooms as usize {
+            // Ask a few rooms without connections to leave now, so that a
+            // burst of short-lived rooms does not lock out new ones for the
+            // whole idle timeout. The client retries after `Retry-After`.
+            let idle = live.values().filter(|handle| {
+                handle.stats.connections.load(Ordering::Relaxed) == 0 && handle.stats.joining.load(Ordering::Relaxed) == 0
+            });
+            for handle in idle.take(EVICTIONS_PER_MISS) {
+                handle.try_notify(RoomEvent::Evict);
+            }
             return Err(RoomsError::Full(max_rooms));
         }
         let id: Arc<str> = id.into();

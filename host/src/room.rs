@@ -64,6 +64,9 @@ pub enum RoomEvent {
     },
     /// The server is stopping: close every socket with 1001 and exit.
     Shutdown,
+    /// The room pool is full: leave it now if the room has no connections,
+    /// rather than after the idle timeout.
+    Evict,
 }
 
 /// How a room answered a WebSocket that asked to join.
@@ -149,6 +152,11 @@ impl RoomHandle {
     /// when the room has stopped.
     pub async fn notify(&self, event: RoomEvent) -> bool {
         self.mailbox.send(event).await.is_ok()
+    }
+
+    /// Puts an event in the mailbox if it has room; returns whether it did.
+    pub fn try_notify(&self, event: RoomEvent) -> bool {
+        self.mailbox.try_send(event).is_ok()
     }
 
     /// Puts an event in the mailbox, waiting at most `timeout` while it is
@@ -317,6 +325,14 @@ impl RoomActor {
 
             match event {
                 Some(RoomEvent::Shutdown) | None => break,
+                Some(RoomEvent::Evict) => {
+                    if idle && self.rooms.remove_if_current(&self.id, self.generation) {
+                        tracing::info!(room = %self.id, shard = crate::router::shard_number(&self.id),
+                            "room evicted early: the room pool is full");
+                        self.evict(mailbox).await;
+                        return;
+                    }
+                }
                 Some(event) => self.handle(event).await,
             }
             let open = self.host().connections.len();
@@ -361,7 +377,7 @@ impl RoomActor {
                 let answered = self.request(request, attempts.max(1)).await;
                 let _ = reply.send(answered);
             }
-            RoomEvent::Shutdown => unreachable!("handled by the event loop"),
+            RoomEvent::Shutdown | RoomEvent::Evict => unreachable!("handled by the event loop"),
         }
     }
 
@@ -459,6 +475,10 @@ impl RoomActor {
                     code: close_code::INTERNAL_ERROR,
                     reason: format!("room error: {message}"),
                 };
+                // on-connect ran and may have counted the connection in, so
+                // the room hears that it left.
+                let close = Call::Close(conn.clone(), rejection.code, rejection.reason.clone());
+                let _ = self.call(close).await;
                 let _ = reply.send(ConnectOutcome::Rejected(rejection));
                 return;
             }

@@ -109,6 +109,19 @@ pub fn shard_number(id: &str) -> Option<u32> {
     split_shard_id(id).map(|(_, k)| k)
 }
 
+/// Shard of connection id `conn` under `--balance sticky`. FNV's low bits
+/// follow the low bits of the last bytes, so the hash goes through the
+/// SplitMix64 finalizer before the modulo.
+fn sticky_shard(conn: &str, shards: u32) -> u32 {
+    let mut x = fnv_hash(conn);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x % u64::from(shards)) as u32 + 1
+}
+
 fn fnv_hash(value: &str) -> u64 {
     let mut hasher = fnv::FnvHasher::default();
     value.hash(&mut hasher);
@@ -154,7 +167,7 @@ impl Rooms {
                     first
                 }
             }
-            Balance::Sticky => (fnv_hash(conn) % u64::from(shards)) as u32 + 1,
+            Balance::Sticky => sticky_shard(conn, shards),
         }
     }
 }
@@ -423,6 +436,22 @@ mod tests {
         assert_eq!(split_shard_id("lobby-01"), None, "shard numbers have no leading zero");
         assert_eq!(split_shard_id("-3"), None, "empty logical room");
         assert_eq!(split_shard_id("lobby-x"), None, "suffix is not a number");
+    }
+
+    #[test]
+    fn sticky_shard_spreads_similar_ids() {
+        // Ids that differ only in a few low bits of their last bytes.
+        let letters = ['a', 'e', 'i', 'm', 'q', 'u', 'y'];
+        let mut counts = [0usize; 4];
+        for first in letters {
+            for second in letters {
+                let id = format!("p{first}{second}");
+                let shard = sticky_shard(&id, 4);
+                assert_eq!(shard, sticky_shard(&id, 4), "the same id always lands on the same shard");
+                counts[shard as usize - 1] += 1;
+            }
+        }
+        assert!(counts.iter().all(|&n| n >= 5), "49 similar ids over 4 shards: {counts:?}");
     }
 
     #[test]

@@ -65,15 +65,19 @@ pub(crate) struct App {
 }
 
 /// Serves `listener` until `shutdown` resolves, then shuts down gracefully.
+/// `services` come from [`Services::open`], which the caller runs first so
+/// that a bad data directory or environment fails before the server
+/// listens.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     listener: TcpListener,
     admin: Option<TcpListener>,
     runtime: Arc<Runtime>,
     config: Config,
+    services: Services,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let services = Services::open(&config)?;
     let rooms = Rooms::new(runtime, config.clone(), services.clone());
     let alarm_scheduler = alarm::spawn_scheduler(services.alarms.clone(), rooms.clone());
     let limits = &config.limits;
@@ -374,7 +378,13 @@ pub(crate) fn guest_response(room: &str, response: GuestResponse) -> Response {
         }
         builder = builder.header(name, value);
     }
-    builder.body(Body::from(response.body)).unwrap_or_else(|err| {
+    // A 204 or 304 response has no body, and so no length either.
+    let body = if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+        Body::empty()
+    } else {
+        Body::from(response.body)
+    };
+    builder.body(body).unwrap_or_else(|err| {
         text(StatusCode::INTERNAL_SERVER_ERROR, format!("room answered an invalid response: {err}"))
     })
 }
