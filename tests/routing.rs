@@ -286,3 +286,16 @@ async fn failed_fan_out_is_not_remembered() {
     let (status, body) = request("POST", &server.http("/parties/main/fails-1"), "count").await;
     assert_eq!((status, body.as_str()), (200, "3"), "both attempts ran, then this count");
 }
+
+#[tokio::test]
+async fn fan_out_bytes_are_bounded() {
+    let server = Server::start(&["--shards", "5", "--max-fanout-bytes", "4096"]);
+    let url = server.http("/parties/router/heavy");
+
+    let (status, body) = request("POST", &url, &"x".repeat(1000)).await;
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("takes 5000 bytes: the limit is 4096 (--max-fanout-bytes)"), "{body}");
+
+    let (status, body) = request("POST", &url, &"x".repeat(500)).await;
+    assert_eq!(status, 200, "2,500 bytes over 5 shards fit: {body}");
+}

@@ -26,7 +26,7 @@ pub struct Config {
     #[arg(long, default_value = "127.0.0.1:1999", value_name = "ADDR")]
     pub listen: SocketAddr,
 
-    /// Number of shard rooms behind each `/parties/router/<room>`.
+    /// Number of shard rooms behind each `/parties/router/<room>`, 1 to 64.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub shards: u32,
 
@@ -84,8 +84,10 @@ pub struct Config {
     #[arg(long = "var", value_name = "KEY=VALUE")]
     pub vars: Vec<String>,
 
-    /// File of `KEY=VALUE` lines (dotenv format: `#` comments, optional
-    /// `export ` and quotes) that rooms read with `env("KEY")`.
+    /// File of `KEY=VALUE` lines that rooms read with `env("KEY")`: `#`
+    /// starts a comment line or, after a space, a comment at the end of an
+    /// unquoted value; `export ` and single or double quotes are optional.
+    /// No variable expansion or multi-line values.
     #[arg(long, value_name = "PATH")]
     pub env_file: Option<PathBuf>,
 
@@ -130,6 +132,13 @@ pub struct Limits {
     /// Largest HTTP request body, in bytes. A larger one is answered 413.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     pub max_body_bytes: usize,
+
+    /// Bytes of request bodies that router fan-outs in flight may hold,
+    /// counting one copy per shard. A fan-out waits up to the call timeout
+    /// for room (then 503); one larger than the whole limit gets 413.
+    #[arg(long, default_value_t = 256 << 20, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1024..=(1 << 40)))]
+    pub max_fanout_bytes: u64,
 
     /// Bytes that may wait in one connection's outbound queue. A client that
     /// reads too slowly to stay under it is closed with code 1008.

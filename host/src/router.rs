@@ -15,12 +15,13 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, Shared};
 use futures_util::FutureExt;
 use rand::Rng;
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Balance;
 use crate::registry::{RequestError, Rooms};
@@ -195,8 +196,9 @@ pub struct FanOutSummary {
     pub failed: Vec<String>,
 }
 
-/// Orders and deduplicates fanned-out requests. Cloning it is cheap.
-#[derive(Clone, Default)]
+/// Orders, bounds and deduplicates fanned-out requests. Cloning it is
+/// cheap.
+#[derive(Clone)]
 pub struct Router {
     inner: Arc<RouterState>,
 }
@@ -204,15 +206,10 @@ pub struct Router {
 struct RouterState {
     sequencers: Vec<tokio::sync::Mutex<()>>,
     remembered: Mutex<HashMap<(String, String), Remembered>>,
-}
-
-impl Default for RouterState {
-    fn default() -> Self {
-        RouterState {
-            sequencers: (0..SEQUENCER_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            remembered: Mutex::new(HashMap::new()),
-        }
-    }
+    /// KiB of request bodies that fan-outs in flight hold, one copy per
+    /// shard, bounded by `--max-fanout-bytes`.
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
 }
 
 /// A fan-out's summary, awaited by the first request with a key and by its
@@ -228,18 +225,55 @@ struct Remembered {
     summary: SharedSummary,
 }
 
-/// An `Idempotency-Key` that came back with a different request within the
-/// window.
+/// Reason a fan-out did not run.
 #[derive(Debug)]
-pub struct KeyReused;
+pub enum FanOutError {
+    /// The `Idempotency-Key` came back with a different request within the
+    /// window.
+    KeyReused,
+    /// One copy of the body per shard is larger than `--max-fanout-bytes`.
+    TooLarge { bytes: u64, max: u64 },
+    /// Fan-outs in flight hold `--max-fanout-bytes` for the whole call
+    /// timeout.
+    Busy,
+}
 
 impl Router {
+    /// Creates a router whose fan-outs in flight hold at most
+    /// `max_fanout_bytes` of request bodies.
+    pub fn new(max_fanout_bytes: u64) -> Router {
+        let budget_kib = (max_fanout_bytes / 1024).clamp(1, u64::from(u32::MAX)) as u32;
+        Router {
+            inner: Arc::new(RouterState {
+                sequencers: (0..SEQUENCER_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+                remembered: Mutex::new(HashMap::new()),
+                budget: Arc::new(Semaphore::new(budget_kib as usize)),
+                budget_kib,
+            }),
+        }
+    }
+
+    /// Reserves the memory of a fan-out of `request` to `shards` shards,
+    /// waiting up to `wait` for fan-outs in flight to release it.
+    async fn reserve(&self, request: &GuestRequest, shards: u32, wait: Duration) -> Result<OwnedSemaphorePermit, FanOutError> {
+        let bytes = (request.body.len() as u64).saturating_mul(u64::from(shards));
+        let kib = bytes.div_ceil(1024).max(1);
+        let max_kib = u64::from(self.inner.budget_kib);
+        if kib > max_kib {
+            return Err(FanOutError::TooLarge { bytes, max: max_kib * 1024 });
+        }
+        let reserved = self.inner.budget.clone().acquire_many_owned(kib as u32);
+        match tokio::time::timeout(wait, reserved).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(FanOutError::Busy),
+        }
+    }
     /// Fans `request` out to every shard of `room` and returns the summary.
     ///
     /// The fan-out runs in its own task, so it reaches every shard even if
     /// the client goes away. With an idempotency key seen within the window,
     /// returns the first request's summary instead, waiting for it if it is
-    /// still running; a summary with failed shards is forgotten once known,
+    /// still running. A summary with failed shards is forgotten once known,
     /// so that a retry runs again.
     pub async fn fan_out(
         &self,
@@ -247,10 +281,12 @@ impl Router {
         room: &str,
         request: GuestRequest,
         idempotency_key: Option<String>,
-    ) -> Result<FanOutSummary, KeyReused> {
+    ) -> Result<FanOutSummary, FanOutError> {
+        let shards = rooms.config.shards_for(room);
+        let reserved = self.reserve(&request, shards, rooms.runtime().limits().call_timeout()).await?;
         let Some(key) = idempotency_key else {
             let request_id = uuid::Uuid::new_v4().to_string();
-            return Ok(self.spawn(rooms, room, request, request_id).await);
+            return Ok(self.spawn(rooms, room, request, request_id, reserved).await);
         };
         let id = (room.to_string(), key.clone());
         let fingerprint = fingerprint(&request);
@@ -261,7 +297,7 @@ impl Router {
             match remembered.get(&id) {
                 Some(entry) if entry.first_seen.elapsed() < window => {
                     if entry.fingerprint != fingerprint {
-                        return Err(KeyReused);
+                        return Err(FanOutError::KeyReused);
                     }
                     entry.summary.clone()
                 }
@@ -269,7 +305,7 @@ impl Router {
                     if remembered.len() >= MAX_REMEMBERED_KEYS {
                         remembered.retain(|_, entry| entry.first_seen.elapsed() < window);
                     }
-                    let summary = self.spawn(rooms, room, request, key);
+                    let summary = self.spawn(rooms, room, request, key, reserved);
                     if remembered.len() < MAX_REMEMBERED_KEYS {
                         let entry = Remembered {
                             first_seen: Instant::now(),
@@ -297,14 +333,25 @@ impl Router {
     }
 
     /// Starts a fan-out in its own task and returns its shared summary.
-    fn spawn(&self, rooms: &Arc<Rooms>, room: &str, request: GuestRequest, request_id: String) -> SharedSummary {
+    fn spawn(
+        &self,
+        rooms: &Arc<Rooms>,
+        room: &str,
+        request: GuestRequest,
+        request_id: String,
+        reserved: OwnedSemaphorePermit,
+    ) -> SharedSummary {
         let state = self.inner.clone();
         let rooms = rooms.clone();
         let room = room.to_string();
         let task = tokio::spawn({
             let room = room.clone();
             let request_id = request_id.clone();
-            async move { fan_out_once(&state, &rooms, &room, request, request_id).await }
+            async move {
+                let summary = fan_out_once(&state, &rooms, &room, request, request_id).await;
+                drop(reserved);
+                summary
+            }
         });
         async move {
             task.await.unwrap_or_else(|err| {

@@ -93,7 +93,7 @@ pub async fn serve(
         rooms: rooms.clone(),
         connections: open_connections.clone(),
         handshakes: RateLimiter::direct(quota),
-        router: router::Router::default(),
+        router: router::Router::new(config.limits.max_fanout_bytes),
         rate_rejection_log: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
         metrics,
         ready: AtomicBool::new(true),
@@ -289,7 +289,20 @@ async fn fan_out(app: &App, room: &str, request: GuestRequest) -> Response {
     }
     let summary = match app.router.fan_out(&app.rooms, room, request, key.clone()).await {
         Ok(summary) => summary,
-        Err(router::KeyReused) => {
+        Err(router::FanOutError::TooLarge { bytes, max }) => {
+            tracing::info!(room = %room, bytes, max, "fan-out rejected: body times shards over --max-fanout-bytes");
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the body, copied to each shard, takes {bytes} bytes: the limit is {max} (--max-fanout-bytes)"
+                ),
+            );
+        }
+        Err(router::FanOutError::Busy) => {
+            tracing::warn!(room = %room, "fan-out rejected: --max-fanout-bytes in flight for the whole call timeout");
+            return unavailable_text("too many fan-outs in flight (--max-fanout-bytes); retry".into());
+        }
+        Err(router::FanOutError::KeyReused) => {
             let key = key.unwrap_or_default();
             tracing::info!(room = %room, key = %key, "Idempotency-Key reused for a different request");
             return text(
