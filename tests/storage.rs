@@ -142,5 +142,15 @@ async fn second_host_on_data_dir_fails() {
     let _first = counter(data_dir.path());
     let (status, stderr) = run_to_exit(&["--data-dir", data_dir.path().to_str().unwrap()]);
     assert!(!status.success(), "a second partyhost on the same --data-dir must not run");
-    assert!(stderr.contains("is another partyhost using this --data-dir?"), "{stderr}");
+    assert!(stderr.contains("another partyhost is using this --data-dir"), "{stderr}");
+    assert!(!stderr.contains("listening"), "the second host never listened: {stderr}");
+}
+
+#[tokio::test]
+async fn corrupt_database_is_named() {
+    let data_dir = tempfile::tempdir().unwrap();
+    std::fs::write(data_dir.path().join("partyhost.sqlite3"), vec![b'x'; 8192]).unwrap();
+    let (status, stderr) = run_to_exit(&["--data-dir", data_dir.path().to_str().unwrap()]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("is not a partyhost database, or it is corrupt"), "{stderr}");
 }

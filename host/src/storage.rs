@@ -146,11 +146,17 @@ impl Storage {
             db.pragma_update(None, "synchronous", "FULL")?;
             db.execute_batch(SCHEMA)
         };
-        set_up().with_context(|| {
-            format!(
-                "failed to set up `{}`: is another partyhost using this --data-dir?",
-                path.display()
-            )
+        set_up().map_err(|err| {
+            let hint = match err.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    "another partyhost is using this --data-dir"
+                }
+                Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) => {
+                    "the file is not a partyhost database, or it is corrupt; move it away to start afresh"
+                }
+                _ => "check the file and its directory",
+            };
+            anyhow::anyhow!("failed to set up `{}`: {err}: {hint}", path.display())
         })?;
         Ok(Storage {
             db: Mutex::new(db),
