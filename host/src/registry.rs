@@ -18,7 +18,7 @@ use crate::guest::Services;
 use crate::room::{self, CallFailure, RoomEvent, RoomHandle};
 use crate::runtime::{GuestRequest, GuestResponse, Runtime};
 
-/// Why a room could not be reached.
+/// Reason a room could not be reached.
 #[derive(Debug, Clone)]
 pub enum RoomsError {
     /// `--max-rooms` rooms are already running.
@@ -220,7 +220,7 @@ pub struct Answered {
     pub attempts: u32,
 }
 
-/// Why an HTTP request to a room got no response from the guest.
+/// Reason an HTTP request to a room got no response from the guest.
 #[derive(Debug, Clone)]
 pub enum RequestError {
     Rooms(RoomsError),

@@ -81,7 +81,7 @@ pub enum ConnectOutcome {
     Rejected(Rejection),
 }
 
-/// Why a connection was not accepted: the close code and reason it gets.
+/// Rejection of a connection: the close code and reason it gets.
 #[derive(Debug, Clone)]
 pub struct Rejection {
     pub code: u16,

@@ -38,8 +38,8 @@ pub const MAX_LOGICAL_ROOM_ID_LEN: usize = MAX_ROOM_ID_LEN - 3;
 /// Header that carries a fanned-out request's id to each shard.
 pub const REQUEST_ID_HEADER: &str = "x-partyhost-request-id";
 
-/// Header that tells a shard which attempt at a fanned-out request a call
-/// is, starting at 1.
+/// Header with the number of the attempt at a fanned-out request that a
+/// call is, starting at 1.
 pub const ATTEMPT_HEADER: &str = "x-partyhost-attempt";
 
 /// Maximum length of an `Idempotency-Key`, in bytes.
