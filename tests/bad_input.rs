@@ -130,3 +130,13 @@ async fn websocket_trap_closes_socket_1011() {
     send_text(&mut bystander, "count").await;
     assert_eq!(recv_text(&mut bystander).await, "2", "the restarted instance served two calls");
 }
+
+#[test]
+fn module_over_instance_limits_names_flag() {
+    let module = example("echo");
+    let (status, stderr) = run_to_exit(&["--module", module.to_str().unwrap(), "--table-elements", "1"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let expected = format!("`{}` does not fit the instance limits", module.display());
+    assert!(stderr.contains(&expected), "{stderr}");
+    assert!(stderr.contains("Raise --table-elements"), "{stderr}");
+}

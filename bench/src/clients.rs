@@ -23,6 +23,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::loopback;
 
+/// Time a client waits for the server's reply to its close frame.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The prefix of the default room's greeting; the rest names the shard.
 const GREETING_PREFIX: &str = "connected to ";
 

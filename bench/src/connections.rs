@@ -17,13 +17,11 @@ use tokio::time::Instant;
 
 use crate::clients::{self, Client, FleetArgs, FleetReport, TargetArgs};
 use crate::procstat::{self, ProcessSample};
+use crate::clients::CLOSE_TIMEOUT;
 use crate::report::mebibytes;
 
 /// Time the server gets to settle before a memory reading.
 const SETTLE_TIME: Duration = Duration::from_secs(2);
-
-/// Time a client waits for the server's reply to its close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionsArgs {

@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::clients::{self, Client, FleetArgs, FleetReport, Socket, TargetArgs};
 use crate::procstat::{self, PeakRss};
+use crate::clients::CLOSE_TIMEOUT;
 use crate::report::{self, LatencySummary, ResourceUse, MAX_LATENCY_MICROS};
 
 /// Histograms the readers record into; a reader uses stripe
@@ -30,9 +31,6 @@ const LATENCY_STRIPES: usize = 64;
 
 /// Time a POST may take before it counts as failed.
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Time a client waits for the server's reply to its close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FanoutArgs {

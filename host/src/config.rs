@@ -1,8 +1,8 @@
 //! Command-line options: every limit the server enforces, with its default.
 //!
 //! Defaults serve a developer on a laptop. Operators raise the connection and
-//! room limits for production; each option says what it bounds and in which
-//! unit.
+//! room limits for production; each option's help gives what it bounds and in
+//! which unit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +36,7 @@ pub struct Config {
     #[arg(long = "shards-for", value_name = "PATTERN=N", value_parser = parse_shards_for)]
     pub shards_for: Vec<ShardsFor>,
 
-    /// How the router assigns a new WebSocket to a shard.
+    /// Policy by which the router assigns a new WebSocket to a shard.
     #[arg(long, value_enum, default_value_t = Balance::LeastConnections)]
     pub balance: Balance,
 

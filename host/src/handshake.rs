@@ -230,7 +230,7 @@ pub(crate) fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
         .is_some_and(|value| value.eq_ignore_ascii_case("websocket"))
 }
 
-/// The connection id: the `_pk` query parameter, or a new UUID.
+/// Returns the connection id: the `_pk` query parameter, or a new UUID.
 fn connection_id(query: Option<&str>) -> Result<String, String> {
     let raw = query
         .unwrap_or_default()

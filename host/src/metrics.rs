@@ -27,7 +27,7 @@ const SERIES_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// it. Call once; a second call returns an error.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     // Room names come from clients, so series of rooms that come and go
-    // would pile up forever; a series not updated for SERIES_IDLE_TIMEOUT
+    // would pile up forever. A series not updated for SERIES_IDLE_TIMEOUT
     // is dropped, and comes back with its next update.
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
@@ -64,7 +64,7 @@ fn describe() {
     describe_counter!("partyhost_rejected_connections_total", "WebSocket handshakes answered with an error, by reason");
 }
 
-/// The `room` and `shard` labels of a room id.
+/// Returns the `room` and `shard` labels of a room id.
 pub fn room_labels(room_id: &str) -> [(&'static str, String); 2] {
     match split_shard_id(room_id) {
         Some((room, k)) => [("room", room.to_string()), ("shard", k.to_string())],

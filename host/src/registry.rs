@@ -1,10 +1,10 @@
 //! The registry of live rooms: every room actor of the process, by room id.
 //!
 //! A room is started on first use and removes itself when idle, so the
-//! registry holds at most `--max-rooms` rooms; a request for a new room past
-//! that is refused with [`RoomsError::Full`]. Senders look a room up, then
-//! put an event in its mailbox; a room that stopped in between is replaced
-//! and the event delivered again.
+//! registry contains at most `--max-rooms` rooms. A request for a new room
+//! past that is rejected with [`RoomsError::Full`]. Senders look a room up,
+//! then put an event in its mailbox. A room that stopped in between is
+//! replaced and the event delivered again.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,7 +152,7 @@ impl Rooms {
     }
 
     /// Puts an HTTP request in room `id`'s mailbox, waiting at most the call
-    /// timeout while the mailbox is full, and returns the pending answer.
+    /// timeout while the mailbox is full, and returns the pending reply.
     pub async fn enqueue_request(
         self: &Arc<Self>,
         id: &str,
@@ -184,7 +184,7 @@ impl Rooms {
         Err(RequestError::Stopped)
     }
 
-    /// Stops accepting rooms, then tells every room to close its sockets
+    /// Stops accepting rooms, then asks every room to close its sockets
     /// and waits until all have stopped or `deadline` passed.
     pub async fn shutdown(&self, deadline: Duration) {
         self.shutting_down.store(true, Ordering::Release);
@@ -212,7 +212,7 @@ impl Rooms {
     }
 }
 
-/// A room's answer to an HTTP request, and the guest calls it took.
+/// A room's response to an HTTP request, and the guest calls it took.
 #[derive(Debug)]
 pub struct Answered {
     pub result: Result<GuestResponse, RequestError>,
@@ -227,7 +227,7 @@ pub enum RequestError {
     Call(CallFailure),
     /// The mailbox stayed full for the whole call timeout.
     MailboxFull,
-    /// The room stopped before it answered.
+    /// The room stopped before it responded.
     Stopped,
 }
 
@@ -248,7 +248,7 @@ impl std::fmt::Display for RequestError {
             RequestError::Rooms(err) => err.fmt(f),
             RequestError::Call(failure) => failure.fmt(f),
             RequestError::MailboxFull => write!(f, "the room's mailbox is full (--mailbox); retry later"),
-            RequestError::Stopped => write!(f, "the room stopped before it answered"),
+            RequestError::Stopped => write!(f, "the room stopped before it responded; retry"),
         }
     }
 }

@@ -8,7 +8,7 @@
 //! starts with `on-start`. Clients notice only that the guest's in-memory
 //! state is gone. An instance that traps in `on-start` is retried with an
 //! exponential backoff, capped at [`MAX_RESTART_BACKOFF`], while events that
-//! need it are answered "unavailable".
+//! need it get "unavailable".
 //!
 //! A room with no connections and no events for `--room-idle-timeout`
 //! removes itself from the registry and frees its instance slot.
@@ -69,7 +69,7 @@ pub enum RoomEvent {
     Evict,
 }
 
-/// How a room answered a WebSocket that asked to join.
+/// Outcome of a WebSocket's request to join a room.
 #[derive(Debug)]
 pub enum ConnectOutcome {
     /// `on-connect` ran, and the connection is in the room.
@@ -304,8 +304,8 @@ impl RoomActor {
         loop {
             let native = self.rooms.config.native_default_room;
             if !native && self.instance.is_none() && self.restart_at.is_some_and(|at| at <= Instant::now()) {
-                // Failures are logged and counted inside; events meanwhile
-                // are answered "unavailable" until the backoff ends.
+                // Failures are logged and counted inside. Events meanwhile
+                // get "unavailable" until the backoff ends.
                 let _ = self.start_instance().await;
             }
 
@@ -548,8 +548,8 @@ impl RoomActor {
         }
     }
 
-    /// Whether `conn` is open in this room as the socket with `serial`, and
-    /// not as a newer socket that reused the id.
+    /// Returns whether `conn` is open in this room as the socket with
+    /// `serial`, and not as a newer socket that reused the id.
     fn is_current(&self, conn: &str, serial: u64) -> bool {
         self.host().connections.get(conn).is_some_and(|handle| handle.serial == serial)
     }
@@ -643,7 +643,7 @@ impl RoomActor {
             )));
         }
 
-        let mut host = self.host.take().expect("no instance runs, so the room holds its data");
+        let mut host = self.host.take().expect("no instance runs, so the room keeps its data");
         host.reset_instance_state();
         let mut store = self.runtime.new_store(host);
         let party = match self.runtime.instantiate(&mut store).await {
@@ -715,7 +715,7 @@ impl RoomActor {
         match (&self.instance, &self.host) {
             (Some(instance), _) => instance.store.data(),
             (None, Some(host)) => host,
-            (None, None) => unreachable!("a room always holds its data"),
+            (None, None) => unreachable!("a room always keeps its data"),
         }
     }
 
@@ -723,7 +723,7 @@ impl RoomActor {
         match (&mut self.instance, &mut self.host) {
             (Some(instance), _) => instance.store.data_mut(),
             (None, Some(host)) => host,
-            (None, None) => unreachable!("a room always holds its data"),
+            (None, None) => unreachable!("a room always keeps its data"),
         }
     }
 

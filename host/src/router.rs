@@ -4,12 +4,11 @@
 //! A logical room `<room>` behind `/parties/router/<room>` is the set of
 //! shard rooms `<room>-1` to `<room>-N`, N from `--shards` or
 //! `--shards-for`. A WebSocket joins the shard [`Rooms::pick_shard`] chooses
-//! under `--balance`. An HTTP request is fanned out to every shard: it gets a
-//! request id (the `Idempotency-Key` header, or a UUID), is put in every
-//! shard's mailbox in the order the router accepted it, and is retried up to
-//! `--fanout-attempts` calls on a shard whose call trapped. A request whose
-//! key was seen within `--idempotency-window` is answered with the first
-//! result. Messages a room publishes reach every shard of its logical room,
+//! under `--balance`. An HTTP request is fanned out to every shard. It gets a
+//! request id (the `Idempotency-Key` header, or a UUID) and is put in every
+//! shard's mailbox in the order the router accepted it. A shard whose call
+//! trapped is called again, up to `--fanout-attempts` calls. A request whose
+//! key was seen within `--idempotency-window` gets the first result. Messages a room publishes reach every shard of its logical room,
 //! in the order they were published.
 
 use std::collections::HashMap;
@@ -184,14 +183,14 @@ pub struct ShardOutcome {
     pub error: Option<String>,
 }
 
-/// The router's answer to a fanned-out request.
+/// The router's response to a fanned-out request.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FanOutSummary {
     pub room: String,
     pub request_id: String,
     pub shards: Vec<ShardOutcome>,
-    /// Shards that did not answer 2xx.
+    /// Shards that did not respond with 2xx.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failed: Vec<String>,
 }
@@ -378,7 +377,7 @@ fn fingerprint(request: &GuestRequest) -> u64 {
 }
 
 /// Puts `request` in every shard's mailbox in the order the router accepted
-/// it, then waits for every shard's answer.
+/// it, then waits for every shard's response.
 async fn fan_out_once(
     state: &RouterState,
     rooms: &Arc<Rooms>,

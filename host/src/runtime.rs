@@ -82,6 +82,14 @@ impl Runtime {
         let component = Component::new(&engine, wasm).map_err(|err| {
             // wasmparser formats some details over several lines.
             let detail = format!("{err:#}").split_whitespace().collect::<Vec<_>>().join(" ");
+            // wasmtime checks a component against the pool's limits while
+            // compiling it, and reports a violation only as text.
+            if detail.contains("pooling allocator") {
+                return anyhow::anyhow!(
+                    "`{source}` does not fit the instance limits: {detail}. Raise --table-elements \
+                     or --memory-limit"
+                );
+            }
             anyhow::anyhow!(
                 "`{source}` is not a WebAssembly component: {detail}. Build rooms with \
                  `cargo build --target wasm32-wasip2` and the partyhost SDK"

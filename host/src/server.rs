@@ -371,7 +371,7 @@ pub(crate) fn guest_response(room: &str, response: GuestResponse) -> Response {
     // codes past 599 are not HTTP.
     let status = StatusCode::from_u16(response.status).ok().filter(|_| (200..=599).contains(&response.status));
     let Some(status) = status else {
-        tracing::warn!(room = %room, status = response.status, "guest answered an invalid HTTP status");
+        tracing::warn!(room = %room, status = response.status, "guest returned an invalid HTTP status");
         return text(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("room answered invalid status {}: use 200 to 599", response.status),
@@ -433,7 +433,7 @@ pub(crate) fn unavailable(err: &RoomsError) -> Response {
     unavailable_text(err.to_string())
 }
 
-/// A 503 that tells the client when to retry.
+/// Returns a 503 with `Retry-After`, so the client knows when to retry.
 pub(crate) fn unavailable_text(message: String) -> Response {
     let mut response = text(StatusCode::SERVICE_UNAVAILABLE, message);
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));

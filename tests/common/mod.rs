@@ -186,7 +186,7 @@ pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
     (output.status, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
-/// Opens a WebSocket, panicking with the server's answer on failure.
+/// Opens a WebSocket, panicking with the server's response on failure.
 pub async fn connect(url: &str) -> Socket {
     let (socket, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
